@@ -1,0 +1,253 @@
+// Command flattend flattens this hypervisor's RBD clones, one at a time cluster-wide, inside a
+// nightly window. See README.md.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/ceph/go-ceph/rados"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/flattend/flattend/internal/cephconn"
+	"github.com/flattend/flattend/internal/config"
+	"github.com/flattend/flattend/internal/discovery"
+	"github.com/flattend/flattend/internal/lock"
+	"github.com/flattend/flattend/internal/scheduler"
+)
+
+// Exit codes.
+const (
+	exitOK          = 0
+	exitFailure     = 1 // runtime failure, or clones left unflattened by `once`
+	exitUsage       = 2 // usage or configuration error
+	exitUnreachable = 3 // cannot reach or authenticate to Ceph
+)
+
+var errSignal = errors.New("stopping on signal")
+
+const usage = `flattend flattens this node's RBD clones, one at a time cluster-wide.
+
+Usage:
+  flattend run   [--config PATH]                 work in every window, forever (the daemon)
+  flattend once  [--config PATH] [--timeout D]   one pass now, ignoring the window
+  flattend check [--config PATH]                 validate the config and the Ceph connection
+
+Exit codes: 0 ok, 1 runtime failure (or clones left by once), 2 usage/config error,
+3 cannot reach or authenticate to Ceph.
+`
+
+func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return exitUsage
+	}
+	cmd, args := args[0], args[1:]
+	switch cmd {
+	case "-h", "--help", "help":
+		fmt.Fprint(stdout, usage)
+		return exitOK
+	case "run", "once", "check":
+	default:
+		fmt.Fprintf(stderr, "flattend: unknown command %q\n\n%s", cmd, usage)
+		return exitUsage
+	}
+
+	fs := flag.NewFlagSet("flattend "+cmd, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	cfgPath := fs.String("config", config.DefaultPath, "configuration file")
+	timeout := time.Duration(0)
+	if cmd == "once" {
+		fs.DurationVar(&timeout, "timeout", 0, "give up (cancelling the running flatten) after this long; 0: no limit")
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return exitOK
+		}
+		return exitUsage
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "flattend %s: unexpected argument %q\n", cmd, fs.Arg(0))
+		return exitUsage
+	}
+
+	cfg, err := config.Load(*cfgPath)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return exitUsage
+	}
+	log, err := newLogger(cfg.Log, stderr)
+	if err != nil {
+		fmt.Fprintf(stderr, "%s: log: %v\n", cfg.Path, err)
+		return exitUsage
+	}
+	defer func() { _ = log.Sync() }()
+
+	ctx, cancel := context.WithCancelCause(context.Background())
+	defer cancel(nil)
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	go func() { // ends when run returns and cancels ctx
+		select {
+		case sig := <-sigs:
+			log.Info("signal received, stopping", zap.String("signal", sig.String()))
+			cancel(errSignal)
+		case <-ctx.Done():
+		}
+	}()
+
+	dial := func() (*rados.Conn, error) { return cephconn.Dial(cephOptions(cfg)) }
+	switch cmd {
+	case "check":
+		return check(cfg, dial, stdout, stderr)
+	}
+
+	// Fail fast on Ceph problems an operator must fix, before any window logic.
+	sched := scheduler.New(schedulerConfig(cfg), scheduler.Dialer(dial), sources(cfg), log)
+	defer func() {
+		closeCtx, done := context.WithTimeout(context.Background(), 5*time.Second)
+		defer done()
+		sched.Close(closeCtx)
+	}()
+	if err := sched.Connect(); err != nil {
+		log.Error("cannot start", zap.Error(err))
+		return exitCode(err)
+	}
+
+	if cmd == "run" {
+		if err := sched.Run(ctx); err != nil {
+			log.Error("stopped", zap.Error(err))
+			return exitCode(err)
+		}
+		return exitOK
+	}
+
+	if timeout > 0 {
+		var stop context.CancelFunc
+		ctx, stop = context.WithTimeoutCause(ctx, timeout, fmt.Errorf("once --timeout %s reached", timeout))
+		defer stop()
+	}
+	sum, err := sched.Pass(ctx)
+	if errors.Is(context.Cause(ctx), errSignal) {
+		log.Info("stopped by signal", zap.Int("flattened", sum.Flattened), zap.Int("left", sum.Left))
+		return exitOK
+	}
+	if err != nil {
+		log.Error("pass failed", zap.Error(err))
+		return exitCode(err)
+	}
+	log.Info("pass done", zap.Int("discovered", sum.Discovered), zap.Int("flattened", sum.Flattened),
+		zap.Int("failed", len(sum.Failed)), zap.Int("left", sum.Left), zap.NamedError("stopped", context.Cause(ctx)))
+	if !sum.Done() {
+		return exitFailure
+	}
+	return exitOK
+}
+
+func check(cfg *config.Config, dial func() (*rados.Conn, error), stdout, stderr io.Writer) int {
+	fmt.Fprintf(stdout, "config %s: ok (node %s)\n", cfg.Path, cfg.Node)
+	conn, err := dial()
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return exitCode(err)
+	}
+	defer conn.Shutdown()
+	fmt.Fprintf(stdout, "ceph: connected as client.%s\n", cfg.Ceph.User)
+	code := exitOK
+	m := lock.New(conn, cfg.Lock.Pool, cfg.Lock.Image, cfg.Lock.CheckInterval.D())
+	if err := m.Check(); err != nil {
+		if errors.Is(err, lock.ErrNoExclusiveLock) || errors.Is(err, lock.ErrNotLockImage) || !isNotFound(err) {
+			fmt.Fprintf(stderr, "lock: %v\n", err)
+			code = exitFailure
+		} else if _, perr := cephconn.OpenPool(conn, cfg.Lock.Pool); perr != nil {
+			fmt.Fprintf(stderr, "lock: %v\n", perr)
+			code = exitFailure
+		} else {
+			fmt.Fprintf(stdout, "lock: %s does not exist yet; the first run creates it\n", m.Name())
+		}
+	} else {
+		fmt.Fprintf(stdout, "lock: %s ok\n", m.Name())
+	}
+	for _, p := range cfg.Discovery.Pools {
+		ioctx, err := cephconn.OpenPool(conn, p.Pool)
+		if err != nil {
+			fmt.Fprintf(stderr, "discovery: %v\n", err)
+			code = exitFailure
+			continue
+		}
+		ioctx.Destroy()
+		fmt.Fprintf(stdout, "discovery: pool %s ok (owner key %s)\n", p.Pool, p.OwnerKey)
+	}
+	return code
+}
+
+func isNotFound(err error) bool { return cephconn.IsErrno(err, syscall.ENOENT) }
+
+func exitCode(err error) int {
+	if errors.Is(err, cephconn.ErrUnreachable) {
+		return exitUnreachable
+	}
+	return exitFailure
+}
+
+func cephOptions(cfg *config.Config) cephconn.Options {
+	return cephconn.Options{
+		ConfPath:       cfg.Ceph.Conf,
+		User:           cfg.Ceph.User,
+		Keyring:        cfg.Ceph.Keyring,
+		ConnectTimeout: cfg.Ceph.ConnectTimeout.D(),
+		ConcurrentOps:  cfg.Flatten.ConcurrentOps,
+	}
+}
+
+func schedulerConfig(cfg *config.Config) scheduler.Config {
+	// The config package validated the schedule already.
+	w, _ := scheduler.NewWindow(cfg.Window.Schedule, cfg.Window.Duration.D())
+	return scheduler.Config{
+		Node:              cfg.Node,
+		Window:            w,
+		BackoffMin:        cfg.Backoff.Min.D(),
+		BackoffMax:        cfg.Backoff.Max.D(),
+		RescanInterval:    cfg.Discovery.Interval.D(),
+		LockPool:          cfg.Lock.Pool,
+		LockImage:         cfg.Lock.Image,
+		LockCheckInterval: cfg.Lock.CheckInterval.D(),
+	}
+}
+
+func sources(cfg *config.Config) []discovery.Source {
+	var ss []discovery.Source
+	for _, p := range cfg.Discovery.Pools {
+		ss = append(ss, discovery.PoolOwner{Pool: p.Pool, OwnerKey: p.OwnerKey, Node: cfg.Node})
+	}
+	return ss
+}
+
+func newLogger(c config.Log, w io.Writer) (*zap.Logger, error) {
+	level, err := zapcore.ParseLevel(c.Level)
+	if err != nil {
+		return nil, err
+	}
+	enc := zap.NewProductionEncoderConfig()
+	enc.EncodeTime = zapcore.RFC3339NanoTimeEncoder
+	enc.TimeKey = "ts"
+	var encoder zapcore.Encoder
+	if c.Format == "json" {
+		encoder = zapcore.NewJSONEncoder(enc)
+	} else {
+		enc.EncodeLevel = zapcore.CapitalLevelEncoder
+		encoder = zapcore.NewConsoleEncoder(enc)
+	}
+	return zap.New(zapcore.NewCore(encoder, zapcore.AddSync(w), level)), nil
+}

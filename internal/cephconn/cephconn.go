@@ -1,0 +1,129 @@
+// Package cephconn makes the RADOS connections flattend works on and explains Ceph's errors.
+//
+// One connection carries a node's lock and its flatten I/O (see internal/lock): when another node
+// breaks a stale lock, Ceph blocklists that connection, which fences the old holder's writes too.
+// A blocklisted connection never recovers, so callers dial a fresh one instead of repairing it.
+package cephconn
+
+import (
+	"errors"
+	"fmt"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/ceph/go-ceph/rados"
+)
+
+// ErrUnreachable wraps every failure to read the Ceph configuration, reach the monitors or
+// authenticate: the daemon cannot do anything without them (exit code 3).
+var ErrUnreachable = errors.New("cannot reach or authenticate to Ceph")
+
+// Options says how to connect.
+type Options struct {
+	ConfPath       string
+	User           string // cephx id, without "client."
+	Keyring        string // empty: what ceph.conf says
+	ConnectTimeout time.Duration
+	// ConcurrentOps is rbd_concurrent_management_ops for images opened on this connection: the
+	// number of object copy-ups a flatten keeps in flight.
+	ConcurrentOps int
+}
+
+// Dial connects to the cluster. The caller owns the connection and must Shutdown it.
+func Dial(o Options) (*rados.Conn, error) {
+	conn, err := rados.NewConnWithUser(o.User)
+	if err != nil {
+		return nil, fmt.Errorf("%w: creating client.%s: %v", ErrUnreachable, o.User, err)
+	}
+	if err := conn.ReadConfigFile(o.ConfPath); err != nil {
+		return nil, fmt.Errorf("%w: reading %s: %v (check ceph.conf)", ErrUnreachable, o.ConfPath, err)
+	}
+	set := map[string]string{}
+	if o.Keyring != "" {
+		set["keyring"] = o.Keyring
+	}
+	if o.ConnectTimeout > 0 {
+		secs := strconv.Itoa(max(1, int(o.ConnectTimeout.Round(time.Second)/time.Second)))
+		// Without these a dead monitor makes Connect and mon commands wait for minutes.
+		set["client_mount_timeout"] = secs
+		set["rados_mon_op_timeout"] = secs
+	}
+	if o.ConcurrentOps > 0 {
+		set["rbd_concurrent_management_ops"] = strconv.Itoa(o.ConcurrentOps)
+	}
+	for k, v := range set {
+		if err := conn.SetConfigOption(k, v); err != nil {
+			return nil, fmt.Errorf("%w: setting %s=%s: %v", ErrUnreachable, k, v, err)
+		}
+	}
+	if err := conn.Connect(); err != nil {
+		hint := "are the monitors in " + o.ConfPath + " up and reachable?"
+		switch {
+		case IsErrno(err, syscall.EACCES), IsErrno(err, syscall.EPERM):
+			hint = "check ceph.user and ceph.keyring: the key was refused"
+		case IsErrno(err, syscall.ENOENT):
+			hint = "no key found for client." + o.User + ": set ceph.keyring or add it to ceph.conf"
+		case IsErrno(err, syscall.ETIMEDOUT):
+			hint = "timed out after " + o.ConnectTimeout.String() + ": " + hint
+		}
+		return nil, fmt.Errorf("%w: connecting as client.%s: %v (%s)", ErrUnreachable, o.User, err, hint)
+	}
+	return conn, nil
+}
+
+// Errno returns the errno a go-ceph error carries. go-ceph errors hold the negative errno and do
+// not match syscall.Errno with errors.Is.
+func Errno(err error) (syscall.Errno, bool) {
+	var ec interface{ ErrorCode() int }
+	if errors.As(err, &ec) {
+		c := ec.ErrorCode()
+		if c < 0 {
+			c = -c
+		}
+		return syscall.Errno(c), true
+	}
+	var en syscall.Errno
+	if errors.As(err, &en) {
+		return en, true
+	}
+	return 0, false
+}
+
+// IsErrno reports whether err carries errno e.
+func IsErrno(err error, e syscall.Errno) bool {
+	got, ok := Errno(err)
+	return ok && got == e
+}
+
+// EBLOCKLISTED is what Ceph returns to a client that was blocklisted (ESHUTDOWN on Linux).
+const EBLOCKLISTED = syscall.ESHUTDOWN
+
+// IsBlocklisted reports whether err means this connection was fenced and is dead for good.
+func IsBlocklisted(err error) bool { return IsErrno(err, EBLOCKLISTED) }
+
+// Hint adds what to fix to errors an operator can fix: missing caps and missing pools.
+func Hint(err error) string {
+	switch {
+	case IsErrno(err, syscall.EPERM), IsErrno(err, syscall.EACCES):
+		return "permission denied: the cephx key lacks caps (needs mon 'profile rbd' and osd 'profile rbd pool=…' on every pool flattend touches)"
+	case IsBlocklisted(err):
+		return "this client was blocklisted (another node broke its lock); reconnecting"
+	}
+	return ""
+}
+
+// OpenPool opens an I/O context on pool, with an error that says what to fix when it is missing.
+func OpenPool(conn *rados.Conn, pool string) (*rados.IOContext, error) {
+	ioctx, err := conn.OpenIOContext(pool)
+	if err != nil {
+		if errors.Is(err, rados.ErrNotFound) || IsErrno(err, syscall.ENOENT) {
+			return nil, fmt.Errorf("pool %q does not exist: create it (ceph osd pool create %s; rbd pool init %s) or fix the configuration", pool, pool, pool)
+		}
+		if h := Hint(err); h != "" {
+			return nil, fmt.Errorf("opening pool %q: %w (%s)", pool, err, h)
+		}
+		return nil, fmt.Errorf("opening pool %q: %w", pool, err)
+	}
+	return ioctx, nil
+}

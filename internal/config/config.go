@@ -1,0 +1,391 @@
+// Package config loads and validates flattend's YAML configuration. Every error it returns names
+// the place it comes from, as "file:line: field: problem", so an operator can fix it at once.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/robfig/cron/v3"
+	"gopkg.in/yaml.v3"
+)
+
+// DefaultPath is where the daemon looks for its configuration when no --config is given.
+const DefaultPath = "/etc/flattend/config.yaml"
+
+// DefaultOwnerKey is the image-meta key whose value names the node that owns a clone.
+const DefaultOwnerKey = "flattend.owner"
+
+// Config is the whole configuration of one flattend daemon.
+type Config struct {
+	Node      string    `yaml:"node"`
+	Ceph      Ceph      `yaml:"ceph"`
+	Lock      Lock      `yaml:"lock"`
+	Window    Window    `yaml:"window"`
+	Backoff   Backoff   `yaml:"backoff"`
+	Flatten   Flatten   `yaml:"flatten"`
+	Discovery Discovery `yaml:"discovery"`
+	Log       Log       `yaml:"log"`
+
+	// Path is the file the configuration was read from.
+	Path string `yaml:"-"`
+}
+
+// Ceph says how to reach the cluster.
+type Ceph struct {
+	Conf           string   `yaml:"conf"`
+	User           string   `yaml:"user"`    // cephx id: client.<user>
+	Keyring        string   `yaml:"keyring"` // empty: whatever ceph.conf says
+	ConnectTimeout Duration `yaml:"connect_timeout"`
+}
+
+// Lock names the image whose managed exclusive lock serialises flattens cluster-wide.
+type Lock struct {
+	Pool  string `yaml:"pool"`
+	Image string `yaml:"image"`
+	// CheckInterval is how often a holder confirms it still owns the lock while flattening.
+	CheckInterval Duration `yaml:"check_interval"`
+}
+
+// Window is the nightly period in which flattening is allowed: it opens at every activation of
+// Schedule and stays open for Duration.
+type Window struct {
+	Schedule string   `yaml:"schedule"`
+	Duration Duration `yaml:"duration"`
+}
+
+// Backoff bounds the jittered exponential wait between attempts on a busy lock.
+type Backoff struct {
+	Min Duration `yaml:"min"`
+	Max Duration `yaml:"max"`
+}
+
+// Flatten tunes the flatten itself.
+type Flatten struct {
+	// ConcurrentOps is librbd's rbd_concurrent_management_ops: object copy-ups in flight.
+	ConcurrentOps int `yaml:"concurrent_ops"`
+}
+
+// Discovery lists the sources of the clones this node owns.
+type Discovery struct {
+	Pools []PoolSource `yaml:"pools"`
+	// Interval is how often, inside an open window, discovery runs again once a pass is over.
+	Interval Duration `yaml:"interval"`
+}
+
+// PoolSource selects the clones of one pool whose image-meta OwnerKey names this node.
+type PoolSource struct {
+	Pool     string `yaml:"pool"`
+	OwnerKey string `yaml:"owner_key"`
+}
+
+// Log sets the logger.
+type Log struct {
+	Level  string `yaml:"level"`  // debug, info, warn, error
+	Format string `yaml:"format"` // console or json
+}
+
+// Duration is a time.Duration written as "90s", "5h" or "2m30s" in YAML.
+type Duration time.Duration
+
+// D returns d as a time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// UnmarshalYAML parses a Go duration string. Errors are yaml.TypeErrors so that the decoder
+// reports them together with the others, each with its line.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind != yaml.ScalarNode {
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: expected a duration such as 90s or 5h", n.Line)}}
+	}
+	v, err := time.ParseDuration(n.Value)
+	if err != nil {
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: %q is not a duration (use e.g. 90s, 15m, 5h)", n.Line, n.Value)}}
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalYAML writes d back in its string form.
+func (d Duration) MarshalYAML() (any, error) { return time.Duration(d).String(), nil }
+
+// Defaults returns the configuration used for every key the file leaves out.
+func Defaults() Config {
+	host, _ := os.Hostname()
+	if i := strings.IndexByte(host, '.'); i > 0 {
+		host = host[:i]
+	}
+	return Config{
+		Node:      host,
+		Ceph:      Ceph{Conf: "/etc/ceph/ceph.conf", User: "flattend", ConnectTimeout: Duration(30 * time.Second)},
+		Lock:      Lock{Pool: "rbd", Image: "flattend-lock", CheckInterval: Duration(2 * time.Second)},
+		Window:    Window{Schedule: "0 1 * * *", Duration: Duration(5 * time.Hour)},
+		Backoff:   Backoff{Min: Duration(2 * time.Second), Max: Duration(2 * time.Minute)},
+		Flatten:   Flatten{ConcurrentOps: 10},
+		Discovery: Discovery{Interval: Duration(15 * time.Minute)},
+		Log:       Log{Level: "info", Format: "console"},
+	}
+}
+
+// Error is a configuration error at a place in a file.
+type Error struct {
+	File  string
+	Line  int    // 0 when the problem is the file as a whole
+	Field string // dotted path, empty when unknown
+	Msg   string
+}
+
+func (e *Error) Error() string {
+	var b strings.Builder
+	b.WriteString(e.File)
+	if e.Line > 0 {
+		b.WriteString(":" + strconv.Itoa(e.Line))
+	}
+	b.WriteString(": ")
+	if e.Field != "" {
+		b.WriteString(e.Field + ": ")
+	}
+	b.WriteString(e.Msg)
+	return b.String()
+}
+
+// Errors is every problem found in one file, in file order.
+type Errors []*Error
+
+func (es Errors) Error() string {
+	msgs := make([]string, len(es))
+	for i, e := range es {
+		msgs[i] = e.Error()
+	}
+	return strings.Join(msgs, "\n")
+}
+
+// Load reads, decodes (strictly: unknown keys are errors), fills in defaults and validates path.
+// Any error is a config.Errors.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		var msg string
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+			msg = "no such file (write one; see config.example.yaml)"
+		case errors.Is(err, os.ErrPermission):
+			msg = "permission denied"
+		default:
+			msg = err.Error()
+		}
+		return nil, Errors{{File: path, Msg: msg}}
+	}
+	return Parse(path, data)
+}
+
+var yamlLine = regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`)
+
+// Parse is Load on bytes already read; path only names them in errors.
+func Parse(path string, data []byte) (*Config, error) {
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		return nil, Errors{yamlError(path, err.Error(), nil)}
+	}
+	places := map[string]int{}
+	lineFields := map[int]string{}
+	if len(root.Content) > 0 {
+		doc := root.Content[0]
+		if doc.Kind != yaml.MappingNode {
+			return nil, Errors{{File: path, Line: doc.Line, Msg: "the configuration must be a mapping of keys (node:, ceph:, lock: …)"}}
+		}
+		walk(doc, "", places, lineFields)
+	}
+
+	cfg := Defaults()
+	if len(bytes.TrimSpace(data)) > 0 {
+		dec := yaml.NewDecoder(bytes.NewReader(data))
+		dec.KnownFields(true)
+		if err := dec.Decode(&cfg); err != nil {
+			var te *yaml.TypeError
+			if errors.As(err, &te) {
+				var es Errors
+				for _, m := range te.Errors {
+					es = append(es, yamlError(path, m, lineFields))
+				}
+				return nil, es
+			}
+			return nil, Errors{yamlError(path, err.Error(), lineFields)}
+		}
+	}
+	cfg.Path = path
+	for i := range cfg.Discovery.Pools {
+		if _, set := places[fmt.Sprintf("discovery.pools[%d].owner_key", i)]; !set {
+			cfg.Discovery.Pools[i].OwnerKey = DefaultOwnerKey
+		}
+	}
+	if es := cfg.validate(places); len(es) > 0 {
+		return nil, es
+	}
+	return &cfg, nil
+}
+
+// walk records the line of every key path ("lock.pool", "discovery.pools[0].pool") and, per
+// line, the path of the value that stands on it, so decoder errors can name their field.
+func walk(n *yaml.Node, path string, places map[string]int, lineFields map[int]string) {
+	switch n.Kind {
+	case yaml.MappingNode:
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			k, v := n.Content[i], n.Content[i+1]
+			p := k.Value
+			if path != "" {
+				p = path + "." + k.Value
+			}
+			places[p] = k.Line
+			lineFields[k.Line] = p
+			if v.Line != k.Line {
+				lineFields[v.Line] = p
+			}
+			walk(v, p, places, lineFields)
+		}
+	case yaml.SequenceNode:
+		for i, v := range n.Content {
+			p := fmt.Sprintf("%s[%d]", path, i)
+			places[p] = v.Line
+			if _, ok := lineFields[v.Line]; !ok {
+				lineFields[v.Line] = p
+			}
+			walk(v, p, places, lineFields)
+		}
+	}
+}
+
+var notFoundInType = regexp.MustCompile(`^field (\S+) not found in type \S+$`)
+var cannotUnmarshal = regexp.MustCompile("^cannot unmarshal !!(\\w+) `(.*)` into (\\S+)$")
+
+// yamlError turns a yaml.v3 message ("line 7: field x not found in type ...") into an Error.
+func yamlError(path, msg string, lineFields map[int]string) *Error {
+	e := &Error{File: path, Msg: msg}
+	if m := yamlLine.FindStringSubmatch(msg); m != nil {
+		e.Line, _ = strconv.Atoi(m[1])
+		e.Msg = m[2]
+		e.Field = lineFields[e.Line]
+	}
+	e.Msg = strings.TrimPrefix(e.Msg, "yaml: ")
+	if m := notFoundInType.FindStringSubmatch(e.Msg); m != nil {
+		e.Msg = fmt.Sprintf("unknown key %q", m[1])
+	} else if m := cannotUnmarshal.FindStringSubmatch(e.Msg); m != nil {
+		want := m[3]
+		switch {
+		case strings.HasPrefix(want, "[]"):
+			want = "a list"
+		case strings.HasPrefix(want, "config."), strings.HasPrefix(want, "map"):
+			want = "a mapping of keys"
+		case strings.HasPrefix(want, "int"):
+			want = "a whole number"
+		}
+		e.Msg = fmt.Sprintf("%q is a %s, expected %s", m[2], yamlKind(m[1]), want)
+	}
+	return e
+}
+
+func yamlKind(tag string) string {
+	switch tag {
+	case "str":
+		return "string"
+	case "seq":
+		return "list"
+	case "map":
+		return "mapping"
+	case "float":
+		return "number"
+	}
+	return tag
+}
+
+var (
+	imageName = regexp.MustCompile(`^[^/@\s]+$`)
+	poolName  = regexp.MustCompile(`^[^/@\s]+$`)
+	metaKey   = regexp.MustCompile(`^[A-Za-z0-9._-]+$`)
+)
+
+func (c *Config) validate(places map[string]int) Errors {
+	var es Errors
+	bad := func(field, format string, args ...any) {
+		line := places[field]
+		for p := field; line == 0 && p != ""; {
+			i := strings.LastIndexAny(p, ".[")
+			if i < 0 {
+				break
+			}
+			p = p[:i]
+			line = places[p]
+		}
+		es = append(es, &Error{File: c.Path, Line: line, Field: field, Msg: fmt.Sprintf(format, args...)})
+	}
+
+	if c.Node == "" {
+		bad("node", "must not be empty (default: the host name)")
+	} else if !metaKey.MatchString(c.Node) {
+		bad("node", "%q: use letters, digits, '.', '_' and '-' only", c.Node)
+	}
+	if c.Ceph.Conf == "" {
+		bad("ceph.conf", "must name a ceph.conf file")
+	}
+	if c.Ceph.User == "" || strings.HasPrefix(c.Ceph.User, "client.") {
+		bad("ceph.user", "%q: give the cephx id without \"client.\" (e.g. flattend)", c.Ceph.User)
+	}
+	if c.Ceph.ConnectTimeout <= 0 {
+		bad("ceph.connect_timeout", "must be positive, got %s", c.Ceph.ConnectTimeout.D())
+	}
+	if !poolName.MatchString(c.Lock.Pool) {
+		bad("lock.pool", "%q is not a pool name", c.Lock.Pool)
+	}
+	if !imageName.MatchString(c.Lock.Image) {
+		bad("lock.image", "%q is not an image name", c.Lock.Image)
+	}
+	if c.Lock.CheckInterval <= 0 {
+		bad("lock.check_interval", "must be positive, got %s", c.Lock.CheckInterval.D())
+	}
+	if _, err := cron.ParseStandard(c.Window.Schedule); err != nil {
+		bad("window.schedule", "%q is not a 5-field cron schedule: %v", c.Window.Schedule, err)
+	}
+	if c.Window.Duration <= 0 {
+		bad("window.duration", "must be positive, got %s", c.Window.Duration.D())
+	}
+	if c.Backoff.Min <= 0 {
+		bad("backoff.min", "must be positive, got %s", c.Backoff.Min.D())
+	}
+	if c.Backoff.Max < c.Backoff.Min {
+		bad("backoff.max", "%s is less than backoff.min (%s)", c.Backoff.Max.D(), c.Backoff.Min.D())
+	}
+	if c.Flatten.ConcurrentOps < 1 || c.Flatten.ConcurrentOps > 1024 {
+		bad("flatten.concurrent_ops", "%d is out of range 1..1024", c.Flatten.ConcurrentOps)
+	}
+	if len(c.Discovery.Pools) == 0 {
+		bad("discovery.pools", "list at least one pool to look for this node's clones in")
+	}
+	for i, p := range c.Discovery.Pools {
+		field := fmt.Sprintf("discovery.pools[%d]", i)
+		if !poolName.MatchString(p.Pool) {
+			bad(field+".pool", "%q is not a pool name", p.Pool)
+		}
+		if !metaKey.MatchString(p.OwnerKey) {
+			bad(field+".owner_key", "%q is not an image-meta key", p.OwnerKey)
+		}
+	}
+	if c.Discovery.Interval <= 0 {
+		bad("discovery.interval", "must be positive, got %s", c.Discovery.Interval.D())
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("log.level", "%q: use debug, info, warn or error", c.Log.Level)
+	}
+	switch c.Log.Format {
+	case "console", "json":
+	default:
+		bad("log.format", "%q: use console or json", c.Log.Format)
+	}
+	return es
+}

@@ -1,0 +1,134 @@
+// Package flattener flattens one RBD clone, reporting progress and stopping when its context is
+// cancelled. It knows nothing of locks or windows: the caller hands it a connection it may write
+// on and a context that ends when it must stop.
+package flattener
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"syscall"
+
+	"github.com/ceph/go-ceph/rados"
+	"github.com/ceph/go-ceph/rbd"
+
+	"github.com/flattend/flattend/internal/cephconn"
+)
+
+// ErrCancelled is returned (wrapped, with the context's cause) when the flatten was stopped by
+// its context. The clone keeps what was copied: the next flatten skips those objects.
+var ErrCancelled = errors.New("flatten cancelled")
+
+// ErrNotFound is returned when the image no longer exists (deleted or renamed since discovery).
+var ErrNotFound = errors.New("image not found")
+
+// Target names one image.
+type Target struct {
+	Pool      string
+	Namespace string
+	Image     string
+}
+
+func (t Target) String() string {
+	if t.Namespace != "" {
+		return t.Pool + "/" + t.Namespace + "/" + t.Image
+	}
+	return t.Pool + "/" + t.Image
+}
+
+// Info is what Inspect learns about an image.
+type Info struct {
+	Size    uint64 // bytes
+	Overlap uint64 // bytes still shared with the parent (0 when flat)
+	Parent  string // "pool/image@snap", empty when flat
+}
+
+// Progress receives (objects done, objects in all) as the flatten goes.
+type Progress func(done, total uint64)
+
+// Inspect reads an image's size and parent without changing it.
+func Inspect(conn *rados.Conn, t Target) (Info, error) {
+	ioctx, err := openPool(conn, t)
+	if err != nil {
+		return Info{}, err
+	}
+	defer ioctx.Destroy()
+	img, err := rbd.OpenImageReadOnly(ioctx, t.Image, rbd.NoSnapshot)
+	if err != nil {
+		if errors.Is(err, rbd.ErrNotFound) {
+			return Info{}, fmt.Errorf("%s: %w", t, ErrNotFound)
+		}
+		return Info{}, fmt.Errorf("opening %s: %w", t, err)
+	}
+	defer img.Close()
+	var info Info
+	if info.Size, err = img.GetSize(); err != nil {
+		return Info{}, fmt.Errorf("size of %s: %w", t, err)
+	}
+	p, err := img.GetParent()
+	switch {
+	case errors.Is(err, rbd.ErrNotFound):
+		return info, nil
+	case err != nil:
+		return Info{}, fmt.Errorf("parent of %s: %w", t, err)
+	}
+	info.Parent = p.Image.PoolName + "/" + p.Image.ImageName + "@" + p.Snap.SnapName
+	if p.Image.PoolNamespace != "" {
+		info.Parent = p.Image.PoolName + "/" + p.Image.PoolNamespace + "/" + p.Image.ImageName + "@" + p.Snap.SnapName
+	}
+	if info.Overlap, err = img.GetOverlap(); err != nil {
+		return Info{}, fmt.Errorf("parent overlap of %s: %w", t, err)
+	}
+	return info, nil
+}
+
+// Flatten copies up every object t still shares with its parent and detaches it, on conn.
+// An already flat image is success. When ctx ends, librbd is told to stop (it finishes the copy-ups
+// in flight) and the error wraps ErrCancelled and context.Cause(ctx).
+func Flatten(ctx context.Context, conn *rados.Conn, t Target, progress Progress) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("%s: %w: %w", t, ErrCancelled, context.Cause(ctx))
+	}
+	ioctx, err := openPool(conn, t)
+	if err != nil {
+		return err
+	}
+	defer ioctx.Destroy()
+
+	stage, errno := flattenWithProgress(ioctx, t.Image, func(done, total uint64) bool {
+		if ctx.Err() != nil {
+			return false
+		}
+		if progress != nil {
+			progress(done, total)
+		}
+		return true
+	})
+	switch {
+	case errno == 0:
+		return nil
+	case errno == syscall.ECANCELED && ctx.Err() != nil:
+		return fmt.Errorf("%s: %w: %w", t, ErrCancelled, context.Cause(ctx))
+	case stage == "open" && errno == syscall.ENOENT:
+		return fmt.Errorf("%s: %w", t, ErrNotFound)
+	case stage == "flatten" && errno == syscall.EINVAL:
+		// librbd says EINVAL for an image without a parent: someone else finished it.
+		if info, err := Inspect(conn, t); err == nil && info.Parent == "" {
+			return nil
+		}
+	}
+	err = fmt.Errorf("%s: %s: %w", t, stage, errno)
+	if h := cephconn.Hint(err); h != "" {
+		err = fmt.Errorf("%w (%s)", err, h)
+	}
+	return err
+}
+
+func openPool(conn *rados.Conn, t Target) (*rados.IOContext, error) {
+	ioctx, err := cephconn.OpenPool(conn, t.Pool)
+	if err != nil {
+		return nil, err
+	}
+	ioctx.SetNamespace(t.Namespace)
+	return ioctx, nil
+}

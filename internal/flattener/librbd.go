@@ -1,0 +1,60 @@
+package flattener
+
+// The only cgo in flattend: go-ceph v0.34.0 does not wrap rbd_flatten_with_progress, so this file
+// opens the image on go-ceph's rados_ioctx_t (same connection, hence same fencing) and calls it.
+
+/*
+#cgo LDFLAGS: -lrbd -lrados
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <rbd/librbd.h>
+
+extern int flattendProgress(uint64_t offset, uint64_t total, void *arg);
+*/
+import "C"
+
+import (
+	"runtime/cgo"
+	"syscall"
+	"unsafe"
+
+	"github.com/ceph/go-ceph/rados"
+)
+
+// progressFunc is called by librbd about once per object; returning false aborts the flatten.
+type progressFunc func(done, total uint64) bool
+
+//export flattendProgress
+func flattendProgress(offset, total C.uint64_t, arg unsafe.Pointer) C.int {
+	h := cgo.Handle(*(*C.uintptr_t)(arg))
+	if !h.Value().(progressFunc)(uint64(offset), uint64(total)) {
+		return -C.ECANCELED // librbd finishes the in-flight copy-ups, then returns ECANCELED
+	}
+	return 0
+}
+
+// flattenWithProgress opens name in ioctx, flattens it and closes it. It returns the errno
+// librbd returned (0 on success) and where it failed.
+func flattenWithProgress(ioctx *rados.IOContext, name string, progress progressFunc) (stage string, errno syscall.Errno) {
+	cname := C.CString(name)
+	defer C.free(unsafe.Pointer(cname))
+
+	var img C.rbd_image_t
+	if ret := C.rbd_open(C.rados_ioctx_t(ioctx.Pointer()), cname, &img, nil); ret < 0 {
+		return "open", syscall.Errno(-ret)
+	}
+	defer C.rbd_close(img)
+
+	h := cgo.NewHandle(progress)
+	defer h.Delete()
+	// The handle travels through C memory so no Go pointer is handed to librbd.
+	arg := C.malloc(C.size_t(unsafe.Sizeof(C.uintptr_t(0))))
+	defer C.free(arg)
+	*(*C.uintptr_t)(arg) = C.uintptr_t(h)
+
+	if ret := C.rbd_flatten_with_progress(img, C.librbd_progress_fn_t(C.flattendProgress), arg); ret < 0 {
+		return "flatten", syscall.Errno(-ret)
+	}
+	return "", 0
+}

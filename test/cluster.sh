@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# Starts and stops a throwaway single-node Ceph cluster (mon + mgr + one memstore OSD) on loopback.
+#
+#   test/cluster.sh start DIR [--auth none|cephx] [--memstore-gib N] [--watch-timeout S]
+#       prints `export NAME=value` lines for CEPH_CONF, CEPH_KEYRING (cephx) and FLATTEND_TEST_*
+#   test/cluster.sh stop DIR
+#   test/cluster.sh deps       install Debian's packages when missing
+#
+# The cluster lives entirely under DIR (config, data, logs, pid files, sockets) and listens on a
+# free loopback port chosen at start, so several can run side by side without disturbing each other
+# or a real cluster. Only the PIDs recorded under DIR are ever killed.
+set -euo pipefail
+
+PKGS=(ceph-mon ceph-osd ceph-mgr ceph-common librbd-dev librados-dev uuid-runtime python3 iproute2)
+
+log() { echo "cluster.sh: $*" >&2; }
+
+deps() {
+	local missing=()
+	for p in "${PKGS[@]}"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+	done
+	if ((${#missing[@]})); then
+		log "installing ${missing[*]}"
+		[[ $(id -u) == 0 ]] || { log "need root to install packages"; exit 1; }
+		export DEBIAN_FRONTEND=noninteractive
+		apt-get update -qq >&2
+		apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+	fi
+}
+
+free_port() {
+	python3 - <<'PY'
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+s.close()
+PY
+}
+
+wait_for() { # wait_for SECONDS DESCRIPTION CMD...
+	local deadline=$((SECONDS + $1)) what=$2
+	shift 2
+	until "$@" >/dev/null 2>&1; do
+		if ((SECONDS >= deadline)); then
+			log "timed out waiting for $what"
+			return 1
+		fi
+		sleep 0.5
+	done
+}
+
+start() {
+	local dir=$1
+	shift
+	local auth=none gib=6 watch=10
+	while (($#)); do
+		case $1 in
+		--auth) auth=$2; shift 2 ;;
+		--memstore-gib) gib=$2; shift 2 ;;
+		--watch-timeout) watch=$2; shift 2 ;;
+		*) log "unknown option $1"; exit 2 ;;
+		esac
+	done
+	case $auth in none | cephx) ;; *) log "--auth must be none or cephx"; exit 2 ;; esac
+	deps
+	if [[ -e $dir/ceph.conf ]]; then
+		log "$dir already holds a cluster; stop it first"
+		exit 1
+	fi
+	mkdir -p "$dir"
+	dir=$(cd "$dir" && pwd)
+	local port fsid
+	port=$(free_port)
+	fsid=$(uuidgen)
+	mkdir -p "$dir"/{mon,osd,mgr,run,log}
+	local authline="auth_cluster_required = none
+auth_service_required = none
+auth_client_required = none"
+	if [[ $auth == cephx ]]; then
+		authline="auth_cluster_required = cephx
+auth_service_required = cephx
+auth_client_required = cephx
+keyring = $dir/keyring"
+	fi
+	cat >"$dir/ceph.conf" <<CONF
+[global]
+fsid = $fsid
+mon host = 127.0.0.1:$port
+$authline
+osd pool default size = 1
+osd pool default min size = 1
+osd crush chooseleaf type = 0
+mon allow pool delete = true
+mon data avail crit = 0
+mon data avail warn = 0
+mon warn on pool no redundancy = false
+mon_osd_full_ratio = 0.95
+osd_client_watch_timeout = $watch
+run dir = $dir/run
+log file = $dir/log/\$name.log
+pid file = $dir/run/\$name.pid
+admin socket = $dir/run/\$name.\$pid.asok
+[mon]
+mon data = $dir/mon/ceph-\$id
+admin socket = $dir/run/\$name.asok
+[osd]
+public addr = 127.0.0.1
+osd data = $dir/osd/ceph-\$id
+osd objectstore = memstore
+memstore device bytes = $((gib * 1024 * 1024 * 1024))
+osd class load list = *
+osd class default list = *
+admin socket = $dir/run/\$name.asok
+[mgr]
+public addr = 127.0.0.1
+mgr data = $dir/mgr/ceph-\$id
+admin socket = $dir/run/\$name.asok
+CONF
+	export CEPH_CONF=$dir/ceph.conf
+	local monkeyring=/dev/null
+	if [[ $auth == cephx ]]; then
+		ceph-authtool --create-keyring "$dir/keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
+		ceph-authtool "$dir/keyring" --gen-key -n client.admin --cap mon 'allow *' --cap osd 'allow *' \
+			--cap mgr 'allow *' --cap mds 'allow *' >/dev/null
+		monkeyring=$dir/keyring
+	fi
+	ceph-mon --id a --mkfs --keyring "$monkeyring" >"$dir/log/mkfs.log" 2>&1
+	touch "$dir/mon/ceph-a/keyring"
+	ceph-mon --id a 2>>"$dir/log/daemons.err"
+	wait_for 30 "the monitor" timeout 5 ceph -s
+
+	local uuid
+	uuid=$(uuidgen)
+	ceph osd create "$uuid" 0 >/dev/null
+	ceph osd crush add osd.0 1 root=default >/dev/null 2>&1
+	mkdir -p "$dir/osd/ceph-0"
+	if [[ $auth == cephx ]]; then
+		ceph-osd --id 0 --mkfs --mkkey --no-mon-config --osd-uuid "$uuid" >>"$dir/log/mkfs.log" 2>&1
+		ceph auth add osd.0 osd 'allow *' mon 'allow profile osd' mgr 'allow profile osd' \
+			-i "$dir/osd/ceph-0/keyring" >/dev/null
+	else
+		ceph-osd --id 0 --mkfs --osd-uuid "$uuid" >>"$dir/log/mkfs.log" 2>&1
+	fi
+	ceph-osd --id 0 2>>"$dir/log/daemons.err"
+
+	mkdir -p "$dir/mgr/ceph-x"
+	if [[ $auth == cephx ]]; then
+		ceph auth get-or-create mgr.x mon 'allow profile mgr' osd 'allow *' mds 'allow *' \
+			>"$dir/mgr/ceph-x/keyring"
+	fi
+	ceph-mgr --id x 2>>"$dir/log/daemons.err"
+
+	wait_for 60 "the OSD to come up" sh -c "ceph osd dump -f json | grep -q '\"up\":1'"
+	ceph osd pool create rbd 16 >/dev/null 2>&1
+	rbd pool init rbd
+	ceph config set mon auth_allow_insecure_global_id_reclaim false >/dev/null 2>&1 || true
+	ceph config set global osd_client_watch_timeout "$watch" >/dev/null 2>&1 || true
+	wait_for 90 "HEALTH_OK" sh -c "ceph health | grep -q HEALTH_OK"
+
+	{
+		echo "export CEPH_CONF=$dir/ceph.conf"
+		[[ $auth == cephx ]] && echo "export CEPH_KEYRING=$dir/keyring"
+		echo "export FLATTEND_TEST_CEPH_CONF=$dir/ceph.conf"
+		echo "export FLATTEND_TEST_CEPH_AUTH=$auth"
+		echo "export FLATTEND_TEST_WATCH_TIMEOUT=$watch"
+	} | tee "$dir/env"
+	log "cluster up on 127.0.0.1:$port ($auth) in $dir"
+}
+
+stop() {
+	local dir=$1
+	[[ -d $dir/run ]] || { log "no cluster in $dir"; return 0; }
+	local pidfile pid
+	for pidfile in "$dir"/run/*.pid; do
+		[[ -e $pidfile ]] || continue
+		pid=$(cat "$pidfile")
+		# Kill only a process that is still one of ours: its pid file's daemon.
+		if [[ -n $pid ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q '^ceph-'; then
+			kill -9 "$pid" 2>/dev/null || true
+		fi
+	done
+	rm -rf "$dir"
+	log "cluster in $dir stopped"
+}
+
+case ${1:-} in
+start) shift; [[ $# -ge 1 ]] || { log "usage: $0 start DIR [options]"; exit 2; }; start "$@" ;;
+stop) shift; [[ $# -ge 1 ]] || { log "usage: $0 stop DIR"; exit 2; }; stop "$1" ;;
+deps) deps ;;
+*) log "usage: $0 start DIR [--auth none|cephx] [--memstore-gib N] [--watch-timeout S] | stop DIR | deps"; exit 2 ;;
+esac

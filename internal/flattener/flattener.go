@@ -95,10 +95,12 @@ func Flatten(ctx context.Context, conn *rados.Conn, t Target, progress Progress)
 	}
 	defer ioctx.Destroy()
 
+	var objects uint64
 	stage, errno := flattenWithProgress(ioctx, t.Image, func(done, total uint64) bool {
 		if ctx.Err() != nil {
 			return false
 		}
+		objects = total
 		if progress != nil {
 			progress(done, total)
 		}
@@ -106,6 +108,10 @@ func Flatten(ctx context.Context, conn *rados.Conn, t Target, progress Progress)
 	})
 	switch {
 	case errno == 0:
+		// librbd reports the offset of the object it starts on; say "all done" at the end.
+		if progress != nil && objects > 0 {
+			progress(objects, objects)
+		}
 		return nil
 	case errno == syscall.ECANCELED && ctx.Err() != nil:
 		return fmt.Errorf("%s: %w: %w", t, ErrCancelled, context.Cause(ctx))

@@ -1,0 +1,42 @@
+# flattend — see README.md. `make demo` and `make test` work on a fresh Debian/Ubuntu machine as root.
+
+SHELL := /bin/bash
+GO ?= go
+# go-ceph v0.34.0 needs the `pacific` tag against Ceph 16 (librbd 1.16); none against 17 and later.
+LIBRBD_MINOR := $(shell sed -n 's/^\#define LIBRBD_VER_MINOR \([0-9]*\).*/\1/p' /usr/include/rbd/librbd.h 2>/dev/null)
+GO_TAGS ?= $(shell [ -n "$(LIBRBD_MINOR)" ] && [ "$(LIBRBD_MINOR)" -le 16 ] && echo pacific)
+GOFLAGS_TAGS := $(if $(GO_TAGS),-tags $(GO_TAGS),)
+export GO_TAGS
+
+.PHONY: all deps build test unit lint bench demo clean
+
+all: build
+
+deps: ## Debian packages for building and for the local test cluster
+	@bash test/cluster.sh deps
+
+build: deps
+	$(MAKE) --no-print-directory bin/flattend
+
+bin/flattend: $(shell find cmd internal -name '*.go') go.mod go.sum
+	$(GO) build $(GOFLAGS_TAGS) -o $@ ./cmd/flattend
+
+test: build ## the whole suite, unit and integration, against a throwaway local Ceph cluster
+	bash test/run.sh $(GO) test $(GOFLAGS_TAGS) -count=1 -timeout 40m ./...
+
+unit: ## pure-logic tests only (no cluster)
+	$(GO) test $(GOFLAGS_TAGS) -count=1 ./internal/config ./internal/scheduler
+
+lint: deps
+	test -z "$$(gofmt -l cmd internal test bench 2>/dev/null)" || { gofmt -l cmd internal test bench; exit 1; }
+	$(GO) vet $(GOFLAGS_TAGS) ./...
+	$(GO) tool staticcheck $(GOFLAGS_TAGS) ./...
+
+bench: build ## measurements against a throwaway local cluster: a table and bench/results/*.json
+	bash test/run.sh $(GO) run $(GOFLAGS_TAGS) ./bench
+
+demo: build ## several simulated nodes flattening in turn on a throwaway local cluster
+	bash test/demo.sh
+
+clean:
+	rm -rf bin

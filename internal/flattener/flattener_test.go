@@ -1,0 +1,118 @@
+package flattener_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ceph/go-ceph/rados"
+
+	"github.com/flattend/flattend/internal/cephconn"
+	"github.com/flattend/flattend/internal/flattener"
+	"github.com/flattend/flattend/test/cephtest"
+)
+
+func dial(t *testing.T, ops int) *rados.Conn {
+	t.Helper()
+	conn, err := cephconn.Dial(cephconn.Options{ConfPath: cephtest.ConfPath(t), User: "admin",
+		ConnectTimeout: 20 * time.Second, ConcurrentOps: ops})
+	if err != nil {
+		t.Fatalf("test cluster unreachable: %v", err)
+	}
+	t.Cleanup(conn.Shutdown)
+	return conn
+}
+
+func TestFlattenWithProgress(t *testing.T) {
+	conn := dial(t, 10)
+	ioctx := cephtest.IOContext(t, conn)
+	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 32<<20, 22)
+	clone := cephtest.Name(t, "clone")
+	cephtest.Clone(t, ioctx, p, clone, "")
+	target := flattener.Target{Pool: cephtest.Pool, Image: clone}
+
+	info, err := flattener.Inspect(conn, target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Parent != cephtest.Pool+"/"+p.Name+"@s" || info.Overlap != p.Size {
+		t.Fatalf("Inspect = %+v", info)
+	}
+	var calls, lastDone, lastTotal atomic.Uint64
+	err = flattener.Flatten(context.Background(), conn, target, func(done, total uint64) {
+		calls.Add(1)
+		lastDone.Store(done)
+		lastTotal.Store(total)
+	})
+	if err != nil {
+		t.Fatalf("Flatten: %v", err)
+	}
+	if calls.Load() == 0 || lastTotal.Load() != 8 || lastDone.Load() != 8 {
+		t.Errorf("progress: %d calls, last %d/%d; want it to reach 8/8 objects", calls.Load(), lastDone.Load(), lastTotal.Load())
+	}
+	cephtest.AssertFlatAndIntact(t, ioctx, p, clone)
+
+	// Flattening a flat image again is success, not EINVAL.
+	if err := flattener.Flatten(context.Background(), conn, target, nil); err != nil {
+		t.Errorf("second Flatten of a flat image: %v", err)
+	}
+}
+
+func TestFlattenCancelledHalfwayResumes(t *testing.T) {
+	conn := dial(t, 1) // one copy-up at a time: slow enough to stop in the middle
+	ioctx := cephtest.IOContext(t, conn)
+	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 64<<20, 16) // 1024 objects of 64 KiB
+	clone := cephtest.Name(t, "clone")
+	cephtest.Clone(t, ioctx, p, clone, "")
+	target := flattener.Target{Pool: cephtest.Pool, Image: clone}
+
+	cause := errors.New("test stop at half")
+	ctx, cancel := context.WithCancelCause(context.Background())
+	var stoppedAt atomic.Uint64
+	err := flattener.Flatten(ctx, conn, target, func(done, total uint64) {
+		if done*2 >= total && stoppedAt.Load() == 0 {
+			stoppedAt.Store(done)
+			cancel(cause)
+		}
+	})
+	if !errors.Is(err, flattener.ErrCancelled) || !errors.Is(err, cause) {
+		t.Fatalf("Flatten = %v, want ErrCancelled with the cause", err)
+	}
+	if stoppedAt.Load() == 0 {
+		t.Fatal("never reached half way")
+	}
+	if !cephtest.IsClone(t, ioctx, clone) {
+		t.Fatal("a cancelled flatten detached the parent")
+	}
+	// Content is right even half flattened (copied objects + parent for the rest).
+	if got := cephtest.Digest(t, ioctx, clone, p.Size); got != p.Digest {
+		t.Fatal("content changed by a cancelled flatten")
+	}
+
+	var firstDone atomic.Uint64
+	err = flattener.Flatten(context.Background(), conn, target, func(done, total uint64) {
+		firstDone.CompareAndSwap(0, done)
+	})
+	if err != nil {
+		t.Fatalf("resumed Flatten: %v", err)
+	}
+	cephtest.AssertFlatAndIntact(t, ioctx, p, clone)
+	t.Logf("stopped at object %d of 1024", stoppedAt.Load())
+}
+
+func TestFlattenMissingImage(t *testing.T) {
+	conn := dial(t, 10)
+	cephtest.IOContext(t, conn)
+	err := flattener.Flatten(context.Background(), conn, flattener.Target{Pool: cephtest.Pool, Image: "no-such-image"}, nil)
+	if !errors.Is(err, flattener.ErrNotFound) {
+		t.Fatalf("Flatten = %v, want ErrNotFound", err)
+	}
+	err = flattener.Flatten(context.Background(), conn, flattener.Target{Pool: "no-such-pool", Image: "x"}, nil)
+	if err == nil || !strings.Contains(err.Error(), `pool "no-such-pool" does not exist`) {
+		t.Fatalf("Flatten on a missing pool = %v", err)
+	}
+	t.Logf("missing pool: %v", err)
+}

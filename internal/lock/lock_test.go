@@ -1,0 +1,185 @@
+package lock_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ceph/go-ceph/rbd"
+
+	"github.com/flattend/flattend/internal/lock"
+	"github.com/flattend/flattend/test/cephtest"
+)
+
+// Many nodes starting at once all create the lock image; every one must succeed.
+func TestEnsureConcurrentCreate(t *testing.T) {
+	conn := cephtest.Connect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	image := cephtest.Name(t, "lock")
+	const nodes = 8
+	errs := make([]error, nodes)
+	var wg sync.WaitGroup
+	for i := range nodes {
+		c := cephtest.Connect(t)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = lock.New(c, cephtest.Pool, image, time.Second).Ensure()
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("node %d: %v", i, err)
+		}
+	}
+	img, err := rbd.OpenImageReadOnly(ioctx, image, rbd.NoSnapshot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	f, _ := img.GetFeatures()
+	if f&rbd.FeatureExclusiveLock == 0 {
+		t.Errorf("created lock image lacks exclusive-lock (features %#x)", f)
+	}
+}
+
+func TestLockImageWithoutExclusiveLock(t *testing.T) {
+	conn := cephtest.Connect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	image := cephtest.Name(t, "nolock")
+	if _, err := rbd.Create2(ioctx, image, 1<<20, rbd.FeatureLayering, 22); err != nil {
+		t.Fatal(err)
+	}
+	err := lock.New(conn, cephtest.Pool, image, time.Second).Ensure()
+	if !errors.Is(err, lock.ErrNoExclusiveLock) {
+		t.Fatalf("Ensure = %v, want ErrNoExclusiveLock", err)
+	}
+	t.Logf("error shown to the operator: %v", err)
+}
+
+func TestMissingPool(t *testing.T) {
+	conn := cephtest.Connect(t)
+	err := lock.New(conn, "no-such-pool", "flattend-lock", time.Second).Ensure()
+	if err == nil || !strings.Contains(err.Error(), `pool "no-such-pool" does not exist`) {
+		t.Fatalf("Ensure = %v, want a missing-pool error", err)
+	}
+}
+
+func TestTryLockBusyThenFree(t *testing.T) {
+	connA, connB := cephtest.Connect(t), cephtest.Connect(t)
+	cephtest.IOContext(t, connA)
+	image := cephtest.Name(t, "lock")
+	a := lock.New(connA, cephtest.Pool, image, time.Second)
+	b := lock.New(connB, cephtest.Pool, image, time.Second)
+	if err := a.Ensure(); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	la, err := a.TryLock(ctx)
+	if err != nil {
+		t.Fatalf("a: %v", err)
+	}
+	if _, err := b.TryLock(ctx); !errors.Is(err, lock.ErrLocked) {
+		t.Fatalf("b while a holds: %v, want ErrLocked", err)
+	}
+	if err := la.Unlock(); err != nil {
+		t.Fatalf("a unlock: %v", err)
+	}
+	lb, err := b.TryLock(ctx)
+	if err != nil {
+		t.Fatalf("b after release: %v", err)
+	}
+	defer lb.Unlock()
+	if _, err := a.TryLock(ctx); !errors.Is(err, lock.ErrLocked) {
+		t.Fatalf("a while b holds: %v, want ErrLocked", err)
+	}
+	select {
+	case <-lb.Done():
+		t.Fatalf("b's lease ended while held: %v", lb.Err())
+	default:
+	}
+}
+
+// A node that breaks our lock (as librbd does to a dead holder) blocklists our connection: the
+// lease must notice and say so on Done, and its Context must be cancelled with the loss as cause.
+func TestLeaseLossIsSignalled(t *testing.T) {
+	connA, connB := cephtest.Connect(t), cephtest.Connect(t)
+	ioB := cephtest.IOContext(t, connB)
+	image := cephtest.Name(t, "lock")
+	a := lock.New(connA, cephtest.Pool, image, 500*time.Millisecond)
+	if err := a.Ensure(); err != nil {
+		t.Fatal(err)
+	}
+	la, err := a.TryLock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	guarded, cancel := la.Context(context.Background())
+	defer cancel()
+
+	img, err := rbd.OpenImage(ioB, image, rbd.NoSnapshot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	owners, err := img.LockGetOwners()
+	if err != nil || len(owners) != 1 {
+		t.Fatalf("owners = %v, %v", owners, err)
+	}
+	if err := img.LockBreak(rbd.LockModeExclusive, owners[0].Owner); err != nil {
+		t.Fatalf("break: %v", err)
+	}
+	select {
+	case <-la.Done():
+	case <-time.After(30 * time.Second):
+		t.Fatal("lease did not notice the broken lock within 30 s")
+	}
+	if !errors.Is(la.Err(), lock.ErrLost) {
+		t.Errorf("Err = %v, want ErrLost", la.Err())
+	}
+	select {
+	case <-guarded.Done():
+		if !errors.Is(context.Cause(guarded), lock.ErrLost) {
+			t.Errorf("guarded context cause = %v", context.Cause(guarded))
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("guarded context not cancelled on loss")
+	}
+	if err := la.Unlock(); !errors.Is(err, lock.ErrLost) {
+		t.Errorf("Unlock after loss = %v, want the loss", err)
+	}
+	// The breaker can now take it.
+	if err := img.LockAcquire(rbd.LockModeExclusive); err != nil {
+		t.Fatalf("breaker cannot take the lock: %v", err)
+	}
+	_ = img.LockRelease()
+}
+
+// A cancelled context gives up on TryLock without leaving the lock taken.
+func TestTryLockCancelled(t *testing.T) {
+	conn := cephtest.Connect(t)
+	cephtest.IOContext(t, conn)
+	image := cephtest.Name(t, "lock")
+	m := lock.New(conn, cephtest.Pool, image, time.Second)
+	if err := m.Ensure(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := m.TryLock(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("TryLock on cancelled ctx = %v", err)
+	}
+	if err := m.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	other := lock.New(cephtest.Connect(t), cephtest.Pool, image, time.Second)
+	l, err := other.TryLock(context.Background())
+	if err != nil {
+		t.Fatalf("lock left taken by an abandoned TryLock: %v", err)
+	}
+	_ = l.Unlock()
+}

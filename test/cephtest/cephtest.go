@@ -1,0 +1,262 @@
+// Package cephtest is the shared harness of flattend's integration tests: it connects to the
+// throwaway cluster started by test/run.sh (FLATTEND_TEST_CEPH_CONF), and makes parents with known
+// content, clones of them, and checks on the outcome. A test told about a cluster it cannot reach
+// fails; a test not told about any skips (make test always tells).
+package cephtest
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ceph/go-ceph/rados"
+	"github.com/ceph/go-ceph/rbd"
+)
+
+// Pool is the pool the tests put their images in (created on first use).
+const Pool = "flattend-test"
+
+// ConfPath returns the test cluster's ceph.conf, or skips the test when none was given.
+func ConfPath(t testing.TB) string {
+	t.Helper()
+	conf := os.Getenv("FLATTEND_TEST_CEPH_CONF")
+	if conf == "" {
+		t.Skip("FLATTEND_TEST_CEPH_CONF is not set: run `make test`, which starts a local cluster")
+	}
+	return conf
+}
+
+// WatchTimeout is the cluster's osd_client_watch_timeout: how long a dead holder blocks takeover.
+func WatchTimeout() time.Duration {
+	var s int
+	if _, err := fmt.Sscan(os.Getenv("FLATTEND_TEST_WATCH_TIMEOUT"), &s); err != nil || s <= 0 {
+		s = 30
+	}
+	return time.Duration(s) * time.Second
+}
+
+// Connect opens a new client connection (a new RADOS instance) to the test cluster, or fails.
+func Connect(t testing.TB) *rados.Conn {
+	t.Helper()
+	conf := ConfPath(t)
+	conn, err := rados.NewConnWithUser("admin")
+	if err == nil {
+		err = conn.ReadConfigFile(conf)
+	}
+	if err == nil {
+		err = conn.SetConfigOption("client_mount_timeout", "20")
+	}
+	if err == nil {
+		err = conn.Connect()
+	}
+	if err != nil {
+		t.Fatalf("test cluster %s unreachable: %v", conf, err)
+	}
+	t.Cleanup(conn.Shutdown)
+	return conn
+}
+
+var poolOnce sync.Mutex
+
+// IOContext returns an I/O context on the test pool, creating the pool if needed.
+func IOContext(t testing.TB, conn *rados.Conn) *rados.IOContext {
+	t.Helper()
+	poolOnce.Lock()
+	defer poolOnce.Unlock()
+	EnsurePool(t, conn, Pool)
+	ioctx, err := conn.OpenIOContext(Pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ioctx.Destroy)
+	return ioctx
+}
+
+// EnsurePool creates an RBD pool with few PGs (one OSD allows only so many) if it is missing.
+func EnsurePool(t testing.TB, conn *rados.Conn, name string) {
+	t.Helper()
+	MonCommand(t, conn, map[string]any{"prefix": "osd pool create", "pool": name, "pg_num": 8})
+	ioctx, err := conn.OpenIOContext(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ioctx.Destroy()
+	if err := rbd.PoolInit(ioctx, false); err != nil {
+		t.Fatalf("rbd pool init %s: %v", name, err)
+	}
+}
+
+// MonCommand runs a JSON mon command and returns its output.
+func MonCommand(t testing.TB, conn *rados.Conn, cmd map[string]any) []byte {
+	t.Helper()
+	b, _ := json.Marshal(cmd)
+	out, status, err := conn.MonCommand(b)
+	if err != nil {
+		t.Fatalf("mon command %s: %v (%s)", b, err, status)
+	}
+	return out
+}
+
+var nameCleaner = regexp.MustCompile(`[^A-Za-z0-9]+`)
+
+// Name returns a name unique to this test run, for images, lock images and nodes.
+func Name(t testing.TB, suffix string) string {
+	base := strings.ToLower(nameCleaner.ReplaceAllString(t.Name(), "-"))
+	if len(base) > 40 {
+		base = base[:40]
+	}
+	return fmt.Sprintf("%s-%s-%04x", base, suffix, rand.N(1<<16))
+}
+
+// Parent is an image filled with deterministic data and a protected snapshot "s" of it.
+type Parent struct {
+	Name   string
+	Snap   string
+	Size   uint64
+	Digest string // sha256 of the whole snapshot content
+}
+
+// MakeParent writes size bytes of pseudo-random data into a new image with 2^order-byte objects,
+// snapshots and protects it.
+func MakeParent(t testing.TB, ioctx *rados.IOContext, name string, size uint64, order int) Parent {
+	t.Helper()
+	opts := rbd.NewRbdImageOptions()
+	defer opts.Destroy()
+	if err := opts.SetUint64(rbd.ImageOptionOrder, uint64(order)); err != nil {
+		t.Fatal(err)
+	}
+	if err := rbd.CreateImage(ioctx, name, size, opts); err != nil {
+		t.Fatalf("create %s: %v", name, err)
+	}
+	img, err := rbd.OpenImage(ioctx, name, rbd.NoSnapshot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	rng := rand.NewChaCha8(sha256.Sum256([]byte(name)))
+	h := sha256.New()
+	buf := make([]byte, 4<<20)
+	for off := uint64(0); off < size; off += uint64(len(buf)) {
+		chunk := buf[:min(uint64(len(buf)), size-off)]
+		_, _ = rng.Read(chunk)
+		if _, err := img.WriteAt(chunk, int64(off)); err != nil {
+			t.Fatalf("write %s: %v", name, err)
+		}
+		h.Write(chunk)
+	}
+	snap, err := img.CreateSnapshot("s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := snap.Protect(); err != nil {
+		t.Fatal(err)
+	}
+	return Parent{Name: name, Snap: "s", Size: size, Digest: hex.EncodeToString(h.Sum(nil))}
+}
+
+// Clone makes name a clone of p and, if owner is not empty, tags it flattend.owner=owner.
+func Clone(t testing.TB, ioctx *rados.IOContext, p Parent, name, owner string) {
+	t.Helper()
+	opts := rbd.NewRbdImageOptions()
+	defer opts.Destroy()
+	if err := rbd.CloneImage(ioctx, p.Name, p.Snap, ioctx, name, opts); err != nil {
+		t.Fatalf("clone %s@%s to %s: %v", p.Name, p.Snap, name, err)
+	}
+	if owner != "" {
+		SetMeta(t, ioctx, name, "flattend.owner", owner)
+	}
+}
+
+// SetMeta sets image-meta key=value on name.
+func SetMeta(t testing.TB, ioctx *rados.IOContext, name, key, value string) {
+	t.Helper()
+	img, err := rbd.OpenImage(ioctx, name, rbd.NoSnapshot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	if err := img.SetMetadata(key, value); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// IsClone reports whether name still has a parent.
+func IsClone(t testing.TB, ioctx *rados.IOContext, name string) bool {
+	t.Helper()
+	img, err := rbd.OpenImageReadOnly(ioctx, name, rbd.NoSnapshot)
+	if err != nil {
+		t.Fatalf("open %s: %v", name, err)
+	}
+	defer img.Close()
+	_, err = img.GetParent()
+	if errors.Is(err, rbd.ErrNotFound) {
+		return false
+	}
+	if err != nil {
+		t.Fatalf("parent of %s: %v", name, err)
+	}
+	return true
+}
+
+// Digest returns the sha256 of name's first size bytes.
+func Digest(t testing.TB, ioctx *rados.IOContext, name string, size uint64) string {
+	t.Helper()
+	img, err := rbd.OpenImageReadOnly(ioctx, name, rbd.NoSnapshot)
+	if err != nil {
+		t.Fatalf("open %s: %v", name, err)
+	}
+	defer img.Close()
+	h := sha256.New()
+	buf := make([]byte, 4<<20)
+	for off := uint64(0); off < size; off += uint64(len(buf)) {
+		chunk := buf[:min(uint64(len(buf)), size-off)]
+		if _, err := img.ReadAt(chunk, int64(off)); err != nil {
+			t.Fatalf("read %s: %v", name, err)
+		}
+		h.Write(chunk)
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// AssertFlatAndIntact fails unless name is flat and holds exactly p's snapshot content.
+func AssertFlatAndIntact(t testing.TB, ioctx *rados.IOContext, p Parent, name string) {
+	t.Helper()
+	if IsClone(t, ioctx, name) {
+		t.Errorf("%s still has a parent", name)
+	}
+	if got := Digest(t, ioctx, name, p.Size); got != p.Digest {
+		t.Errorf("%s content %s differs from its parent snapshot %s", name, got[:12], p.Digest[:12])
+	}
+}
+
+// HoldLock opens image on conn and takes its managed exclusive lock, for a test that stands in
+// for another node. The returned function releases it.
+func HoldLock(t testing.TB, ioctx *rados.IOContext, image string) (release func()) {
+	t.Helper()
+	img, err := rbd.OpenImage(ioctx, image, rbd.NoSnapshot)
+	if err != nil {
+		t.Fatalf("open lock image %s: %v", image, err)
+	}
+	if err := img.LockAcquire(rbd.LockModeExclusive); err != nil {
+		img.Close()
+		t.Fatalf("lock %s: %v", image, err)
+	}
+	var once sync.Once
+	release = func() {
+		once.Do(func() {
+			_ = img.LockRelease()
+			_ = img.Close()
+		})
+	}
+	t.Cleanup(release)
+	return release
+}

@@ -269,7 +269,9 @@ func yamlError(path, msg string, lineFields map[int]string) *Error {
 	if m := yamlLine.FindStringSubmatch(msg); m != nil {
 		e.Line, _ = strconv.Atoi(m[1])
 		e.Msg = m[2]
-		e.Field = lineFields[e.Line]
+		if !strings.Contains(e.Msg, "already defined") {
+			e.Field = lineFields[e.Line]
+		}
 	}
 	e.Msg = strings.TrimPrefix(e.Msg, "yaml: ")
 	if m := notFoundInType.FindStringSubmatch(e.Msg); m != nil {

@@ -1,0 +1,92 @@
+package config
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestExampleConfigLoads(t *testing.T) {
+	cfg, err := Load("../../config.example.yaml")
+	if err != nil {
+		t.Fatalf("config.example.yaml: %v", err)
+	}
+	if cfg.Node != "h1" || cfg.Window.Duration.D() != 5*time.Hour || cfg.Discovery.Pools[0].Pool != "vms" ||
+		cfg.Discovery.Pools[0].OwnerKey != "flattend.owner" || cfg.Flatten.ConcurrentOps != 10 {
+		t.Errorf("unexpected values: %+v", cfg)
+	}
+}
+
+func TestDefaults(t *testing.T) {
+	cfg, err := Parse("c.yaml", []byte("discovery:\n  pools:\n    - pool: vms\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, _ := os.Hostname()
+	if host == "" || !strings.HasPrefix(host, cfg.Node) {
+		t.Errorf("node = %q, want the host name %q", cfg.Node, host)
+	}
+	want := Defaults()
+	if cfg.Ceph != want.Ceph || cfg.Lock != want.Lock || cfg.Window != want.Window || cfg.Backoff != want.Backoff ||
+		cfg.Discovery.Pools[0].OwnerKey != DefaultOwnerKey || cfg.Log != want.Log {
+		t.Errorf("defaults not applied: %+v", cfg)
+	}
+}
+
+// Each malformed config yields an error naming file, line and field, and nothing else.
+func TestMalformed(t *testing.T) {
+	for _, tc := range []struct {
+		name, yaml, want string
+	}{
+		{"bad yaml", "node: a\n\tlock: x\n", "c.yaml:2: found a tab character"},
+		{"unclosed yaml", "node: a\nb: 'x\n", "c.yaml:2: found unexpected end of stream"},
+		{"unknown key", "node: a\nlok:\n  pool: rbd\n", `c.yaml:2: lok: unknown key "lok"`},
+		{"unknown nested key", "lock:\n  pool: rbd\n  imge: x\n", `c.yaml:3: lock.imge: unknown key "imge"`},
+		{"bad duration", "discovery: {pools: [{pool: vms}]}\nwindow:\n  duration: 5x\n", `c.yaml:3: window.duration: "5x" is not a duration`},
+		{"bad cron", "discovery: {pools: [{pool: vms}]}\nwindow:\n  schedule: \"0 25 * * *\"\n", `c.yaml:3: window.schedule: "0 25 * * *" is not a 5-field cron schedule`},
+		{"empty pool", "discovery:\n  pools:\n    - pool: \"\"\n", `c.yaml:3: discovery.pools[0].pool: "" is not a pool name`},
+		{"no pools", "node: a\n", `c.yaml: discovery.pools: list at least one pool`},
+		{"negative ops", "discovery: {pools: [{pool: vms}]}\nflatten:\n  concurrent_ops: -3\n", `c.yaml:3: flatten.concurrent_ops: -3 is out of range 1..1024`},
+		{"negative duration", "discovery: {pools: [{pool: vms}]}\nbackoff:\n  min: -2s\n", `c.yaml:3: backoff.min: must be positive, got -2s`},
+		{"max below min", "discovery: {pools: [{pool: vms}]}\nbackoff:\n  min: 10s\n  max: 1s\n", `c.yaml:4: backoff.max: 1s is less than backoff.min (10s)`},
+		{"wrong type int", "discovery: {pools: [{pool: vms}]}\nflatten:\n  concurrent_ops: ten\n", `c.yaml:3: flatten.concurrent_ops: "ten" is a string, expected a whole number`},
+		{"wrong type list", "discovery:\n  pools: vms\n", `c.yaml:2: discovery.pools: "vms" is a string, expected a list`},
+		{"wrong type map", "discovery: {pools: [{pool: vms}]}\nlock: rbd\n", `c.yaml:2: lock: "rbd" is a string, expected a mapping of keys`},
+		{"bad level", "discovery: {pools: [{pool: vms}]}\nlog: {level: loud}\n", `c.yaml:2: log.level: "loud": use debug, info, warn or error`},
+		{"client prefix", "discovery: {pools: [{pool: vms}]}\nceph: {user: client.flattend}\n", `c.yaml:2: ceph.user:`},
+		{"not a mapping", "- a\n- b\n", `c.yaml:1: the configuration must be a mapping`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("c.yaml", []byte(tc.yaml))
+			if err == nil {
+				t.Fatal("accepted")
+			}
+			var es Errors
+			if !errors.As(err, &es) {
+				t.Fatalf("error of type %T: %v", err, err)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("got  %q\nwant %q", err.Error(), tc.want)
+			}
+		})
+	}
+}
+
+func TestMissingFile(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "nope.yaml")
+	_, err := Load(p)
+	if err == nil || !strings.Contains(err.Error(), p+": no such file") {
+		t.Fatalf("Load = %v", err)
+	}
+}
+
+func TestEveryErrorReported(t *testing.T) {
+	_, err := Parse("c.yaml", []byte("discovery: {pools: [{pool: vms}]}\nbackoff: {min: 0s}\nflatten: {concurrent_ops: 0}\n"))
+	var es Errors
+	if !errors.As(err, &es) || len(es) != 2 {
+		t.Fatalf("want 2 errors, got %v", err)
+	}
+}

@@ -1,0 +1,264 @@
+// Package e2e runs the real flattend binary as separate processes against the test cluster:
+// several "nodes" at once, kill -9, signals, bad configs. What the processes log (JSON, with
+// nanosecond timestamps) is the record the assertions read.
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/flattend/flattend/test/cephtest"
+)
+
+var binary string
+
+func TestMain(m *testing.M) {
+	binary = os.Getenv("FLATTEND_BIN")
+	if binary == "" {
+		dir, err := os.MkdirTemp("", "flattend-e2e")
+		if err != nil {
+			panic(err)
+		}
+		binary = filepath.Join(dir, "flattend")
+		args := []string{"build", "-o", binary}
+		if tags := os.Getenv("GO_TAGS"); tags != "" {
+			args = append(args, "-tags", tags)
+		}
+		cmd := exec.Command("go", append(args, "../../cmd/flattend")...)
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Run(); err != nil {
+			fmt.Fprintln(os.Stderr, "building flattend:", err)
+			os.Exit(1)
+		}
+		defer os.RemoveAll(dir)
+	}
+	os.Exit(m.Run())
+}
+
+// nodeConfig writes a config for node with the test cluster, a lock image of the test's own and
+// JSON debug logs; extra is appended as YAML.
+func nodeConfig(t *testing.T, node, lockImage, extra string) string {
+	t.Helper()
+	conf := cephtest.ConfPath(t)
+	if !strings.Contains(extra, "window:") {
+		extra += "window: {schedule: \"* * * * *\", duration: 1h}\n" // always open
+	}
+	body := fmt.Sprintf(`node: %s
+ceph: {conf: %s, user: admin, connect_timeout: 20s}
+lock: {pool: %s, image: %s, check_interval: 1s}
+backoff: {min: 200ms, max: 1s}
+log: {level: debug, format: json}
+discovery:
+  pools:
+    - {pool: %s}
+%s`, node, conf, cephtest.Pool, lockImage, cephtest.Pool, extra)
+	p := filepath.Join(t.TempDir(), node+".yaml")
+	if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// proc is a running flattend.
+type proc struct {
+	cmd  *exec.Cmd
+	log  string // its stderr
+	done chan struct{}
+	err  error
+}
+
+func start(t *testing.T, args ...string) *proc {
+	t.Helper()
+	logf, err := os.CreateTemp(t.TempDir(), "flattend-*.log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &proc{cmd: exec.Command(binary, args...), log: logf.Name(), done: make(chan struct{})}
+	p.cmd.Stdout, p.cmd.Stderr = logf, logf
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { p.err = p.cmd.Wait(); logf.Close(); close(p.done) }()
+	t.Cleanup(func() {
+		_ = p.cmd.Process.Kill()
+		<-p.done
+		if t.Failed() {
+			b, _ := os.ReadFile(p.log)
+			t.Logf("log of %v:\n%s", args, b)
+		}
+	})
+	return p
+}
+
+// wait returns the exit code, failing the test after timeout.
+func (p *proc) wait(t *testing.T, timeout time.Duration) int {
+	t.Helper()
+	select {
+	case <-p.done:
+	case <-time.After(timeout):
+		t.Fatalf("%v still running after %s", p.cmd.Args, timeout)
+	}
+	var ee *exec.ExitError
+	if errors.As(p.err, &ee) {
+		return ee.ExitCode()
+	}
+	if p.err != nil {
+		t.Fatalf("%v: %v", p.cmd.Args, p.err)
+	}
+	return 0
+}
+
+// event is one JSON log line.
+type event struct {
+	TS       time.Time `json:"ts"`
+	Level    string    `json:"level"`
+	Msg      string    `json:"msg"`
+	Node     string    `json:"node"`
+	Image    string    `json:"image"`
+	Result   string    `json:"result"`
+	Percent  int       `json:"percent"`
+	Error    string    `json:"error"`
+	Duration float64   `json:"duration"`
+}
+
+func (p *proc) events(t *testing.T) []event {
+	t.Helper()
+	f, err := os.Open(p.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var evs []event
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		var e event
+		if json.Unmarshal(sc.Bytes(), &e) == nil && e.Msg != "" {
+			evs = append(evs, e)
+		}
+	}
+	return evs
+}
+
+// waitFor polls p's log until an event satisfies match.
+func (p *proc) waitFor(t *testing.T, timeout time.Duration, what string, match func(event) bool) event {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		for _, e := range p.events(t) {
+			if match(e) {
+				return e
+			}
+		}
+		select {
+		case <-p.done:
+			for _, e := range p.events(t) {
+				if match(e) {
+					return e
+				}
+			}
+			t.Fatalf("%v exited before %s", p.cmd.Args, what)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	t.Fatalf("no %s within %s", what, timeout)
+	return event{}
+}
+
+func count(evs []event, msg string) int {
+	n := 0
+	for _, e := range evs {
+		if e.Msg == msg {
+			n++
+		}
+	}
+	return n
+}
+
+// interval is one flatten as a process recorded it: from "flatten started" to "flatten
+// finished" (or to the process's death when it was killed).
+type interval struct {
+	node, image string
+	from, to    time.Time
+	result      string
+}
+
+func intervals(t *testing.T, evs []event, killedAt time.Time) []interval {
+	t.Helper()
+	var out []interval
+	open := map[string]*interval{}
+	for _, e := range evs {
+		switch e.Msg {
+		case "flatten started":
+			open[e.Image] = &interval{node: e.Node, image: e.Image, from: e.TS}
+		case "flatten finished":
+			iv := open[e.Image]
+			if iv == nil {
+				t.Fatalf("finish without start: %+v", e)
+			}
+			iv.to, iv.result = e.TS, e.Result
+			out = append(out, *iv)
+			delete(open, e.Image)
+		}
+	}
+	for _, iv := range open {
+		if killedAt.IsZero() {
+			t.Fatalf("flatten of %s started and never finished", iv.image)
+		}
+		iv.to, iv.result = killedAt, "killed"
+		out = append(out, *iv)
+	}
+	return out
+}
+
+// assertNoOverlap fails if any two recorded flattens overlap in time.
+func assertNoOverlap(t *testing.T, ivs []interval) {
+	t.Helper()
+	for i := range ivs {
+		for j := i + 1; j < len(ivs); j++ {
+			a, b := ivs[i], ivs[j]
+			if a.from.Before(b.to) && b.from.Before(a.to) {
+				t.Errorf("overlap: %s on %s [%s, %s] and %s on %s [%s, %s]",
+					a.image, a.node, a.from.Format(time.StampMicro), a.to.Format(time.StampMicro),
+					b.image, b.node, b.from.Format(time.StampMicro), b.to.Format(time.StampMicro))
+			}
+		}
+	}
+}
+
+// runCmd runs flattend to completion and returns its exit code and output.
+func runCmd(t *testing.T, timeout time.Duration, args ...string) (int, string) {
+	t.Helper()
+	var out bytes.Buffer
+	cmd := exec.Command(binary, args...)
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	var err error
+	select {
+	case err = <-done:
+	case <-time.After(timeout):
+		_ = cmd.Process.Kill()
+		t.Fatalf("%v did not finish within %s:\n%s", args, timeout, out.String())
+	}
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return ee.ExitCode(), out.String()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return 0, out.String()
+}

@@ -7,6 +7,7 @@ LIBRBD_MINOR := $(shell sed -n 's/^\#define LIBRBD_VER_MINOR \([0-9]*\).*/\1/p' 
 GO_TAGS ?= $(shell [ -n "$(LIBRBD_MINOR)" ] && [ "$(LIBRBD_MINOR)" -le 16 ] && echo pacific)
 GOFLAGS_TAGS := $(if $(GO_TAGS),-tags $(GO_TAGS),)
 export GO_TAGS
+export FLATTEND_BIN := $(CURDIR)/bin/flattend
 
 .PHONY: all deps build test unit lint bench demo clean
 

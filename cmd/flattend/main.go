@@ -22,6 +22,7 @@ import (
 	"github.com/flattend/flattend/internal/discovery"
 	"github.com/flattend/flattend/internal/lock"
 	"github.com/flattend/flattend/internal/scheduler"
+	"github.com/flattend/flattend/internal/status"
 )
 
 // Exit codes.
@@ -40,6 +41,7 @@ Usage:
   flattend run   [--config PATH]                 work in every window, forever (the daemon)
   flattend once  [--config PATH] [--timeout D]   one pass now, ignoring the window
   flattend check [--config PATH]                 validate the config and the Ceph connection
+  flattend status [--config PATH] [--json]       who holds the cluster-wide lock, on what, how far
 
 Exit codes: 0 ok, 1 runtime failure (or clones left by once), 2 usage/config error,
 3 cannot reach or authenticate to Ceph.
@@ -57,7 +59,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return exitOK
-	case "run", "once", "check":
+	case "run", "once", "check", "status":
 	default:
 		fmt.Fprintf(stderr, "flattend: unknown command %q\n\n%s", cmd, usage)
 		return exitUsage
@@ -67,6 +69,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	cfgPath := fs.String("config", config.DefaultPath, "configuration file")
 	timeout := time.Duration(0)
+	asJSON := false
+	if cmd == "status" {
+		fs.BoolVar(&asJSON, "json", false, "print JSON (the format is documented in docs/operations.md)")
+	}
 	if cmd == "once" {
 		fs.DurationVar(&timeout, "timeout", 0, "give up (cancelling the running flatten) after this long; 0: no limit")
 	}
@@ -111,6 +117,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch cmd {
 	case "check":
 		return check(cfg, dial, stdout, stderr)
+	case "status":
+		return showStatus(cfg, dial, asJSON, stdout, stderr)
 	}
 
 	// Fail fast on Ceph problems an operator must fix, before any window logic.
@@ -165,7 +173,7 @@ func check(cfg *config.Config, dial func() (*rados.Conn, error), stdout, stderr 
 	defer conn.Shutdown()
 	fmt.Fprintf(stdout, "ceph: connected as client.%s\n", cfg.Ceph.User)
 	code := exitOK
-	m := lock.New(conn, cfg.Lock.Pool, cfg.Lock.Image, cfg.Lock.CheckInterval.D())
+	m := lock.New(conn, lockOptions(cfg))
 	if err := m.Check(); err != nil {
 		if errors.Is(err, lock.ErrNoExclusiveLock) || errors.Is(err, lock.ErrNotLockImage) || !isNotFound(err) {
 			fmt.Fprintf(stderr, "lock: %v\n", err)
@@ -192,6 +200,30 @@ func check(cfg *config.Config, dial func() (*rados.Conn, error), stdout, stderr 
 	return code
 }
 
+func showStatus(cfg *config.Config, dial func() (*rados.Conn, error), asJSON bool, stdout, stderr io.Writer) int {
+	conn, err := dial()
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return exitCode(err)
+	}
+	defer conn.Shutdown()
+	slots, err := lock.ReadStatus(conn, cfg.Lock.Pool, cfg.Lock.Image, cfg.Lock.Slots)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return exitFailure
+	}
+	r := status.Build(slots, time.Now())
+	if asJSON {
+		err = status.WriteJSON(stdout, r)
+	} else {
+		err = status.WriteText(stdout, r)
+	}
+	if err != nil {
+		return exitFailure
+	}
+	return exitOK
+}
+
 func isNotFound(err error) bool { return cephconn.IsErrno(err, syscall.ENOENT) }
 
 func exitCode(err error) int {
@@ -215,15 +247,18 @@ func schedulerConfig(cfg *config.Config) scheduler.Config {
 	// The config package validated the schedule already.
 	w, _ := scheduler.NewWindow(cfg.Window.Schedule, cfg.Window.Duration.D())
 	return scheduler.Config{
-		Node:              cfg.Node,
-		Window:            w,
-		BackoffMin:        cfg.Backoff.Min.D(),
-		BackoffMax:        cfg.Backoff.Max.D(),
-		RescanInterval:    cfg.Discovery.Interval.D(),
-		LockPool:          cfg.Lock.Pool,
-		LockImage:         cfg.Lock.Image,
-		LockCheckInterval: cfg.Lock.CheckInterval.D(),
+		Node:           cfg.Node,
+		Window:         w,
+		BackoffMin:     cfg.Backoff.Min.D(),
+		BackoffMax:     cfg.Backoff.Max.D(),
+		RescanInterval: cfg.Discovery.Interval.D(),
+		Lock:           lockOptions(cfg),
 	}
+}
+
+func lockOptions(cfg *config.Config) lock.Options {
+	return lock.Options{Pool: cfg.Lock.Pool, Image: cfg.Lock.Image, Slots: cfg.Lock.Slots,
+		CheckInterval: cfg.Lock.CheckInterval.D(), Node: cfg.Node}
 }
 
 func sources(cfg *config.Config) []discovery.Source {

@@ -49,6 +49,8 @@ type Ceph struct {
 type Lock struct {
 	Pool  string `yaml:"pool"`
 	Image string `yaml:"image"`
+	// Slots is how many clones may flatten at once cluster-wide: lock images Image, Image.1 …
+	Slots int `yaml:"slots"`
 	// CheckInterval is how often a holder confirms it still owns the lock while flattening.
 	CheckInterval Duration `yaml:"check_interval"`
 }
@@ -123,7 +125,7 @@ func Defaults() Config {
 	return Config{
 		Node:      host,
 		Ceph:      Ceph{Conf: "/etc/ceph/ceph.conf", User: "flattend", ConnectTimeout: Duration(30 * time.Second)},
-		Lock:      Lock{Pool: "rbd", Image: "flattend-lock", CheckInterval: Duration(2 * time.Second)},
+		Lock:      Lock{Pool: "rbd", Image: "flattend-lock", Slots: 1, CheckInterval: Duration(2 * time.Second)},
 		Window:    Window{Schedule: "0 1 * * *", Duration: Duration(5 * time.Hour)},
 		Backoff:   Backoff{Min: Duration(2 * time.Second), Max: Duration(2 * time.Minute)},
 		Flatten:   Flatten{ConcurrentOps: 10},
@@ -345,6 +347,9 @@ func (c *Config) validate(places map[string]int) Errors {
 	}
 	if !imageName.MatchString(c.Lock.Image) {
 		bad("lock.image", "%q is not an image name", c.Lock.Image)
+	}
+	if c.Lock.Slots < 1 || c.Lock.Slots > 64 {
+		bad("lock.slots", "%d is out of range 1..64", c.Lock.Slots)
 	}
 	if c.Lock.CheckInterval <= 0 {
 		bad("lock.check_interval", "must be positive, got %s", c.Lock.CheckInterval.D())

@@ -1,10 +1,11 @@
-// Package lock is flattend's cluster-wide mutex: the managed exclusive lock of a small dedicated
-// RBD image. Whoever holds it may flatten; everyone else backs off.
+// Package lock is flattend's cluster-wide semaphore: the managed exclusive locks of N small
+// dedicated RBD images ("slots"). Whoever holds a slot may flatten one clone; everyone else backs
+// off, and is woken the moment a holder releases.
 //
-// The shape follows etcd's concurrency.Mutex: TryLock returns ErrLocked at once when another node
-// holds the lock, and a Lease whose Done channel closes when the lock is lost. The lease lives on
-// the caller's RADOS connection, and the caller must do the guarded work (the flatten) on that same
-// connection: a node that breaks a stale holder's lock makes Ceph blocklist the holder's
+// The shape follows etcd's concurrency.Mutex: TryLock returns ErrLocked at once when every slot is
+// held by a live client, and a Lease whose Done channel closes when the lock is lost. The lease
+// lives on the caller's RADOS connection, and the caller must do the guarded work (the flatten) on
+// that same connection: a node that breaks a stale holder's lock makes Ceph blocklist the holder's
 // connection, which fences the holder's flatten I/O too. A lost lease means a dead connection:
 // the caller shuts it down and dials a new one.
 package lock
@@ -13,6 +14,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
+	"strconv"
 	"sync"
 	"syscall"
 	"time"
@@ -24,95 +27,207 @@ import (
 )
 
 var (
-	// ErrLocked means another live client holds the lock; try again later.
+	// ErrLocked means live clients hold every slot; try again later.
 	ErrLocked = errors.New("lock is held by another node")
 	// ErrLost means a lease ended without Unlock: another node broke the lock (and blocklisted
 	// this connection), or ownership could not be confirmed.
 	ErrLost = errors.New("lock lost")
-	// ErrNoExclusiveLock means the lock image lacks the exclusive-lock feature.
+	// ErrNoExclusiveLock means a lock image lacks the exclusive-lock feature.
 	ErrNoExclusiveLock = errors.New("lock image lacks the exclusive-lock feature")
 	// ErrNotLockImage means the configured image is someone's data image, not a lock image.
 	ErrNotLockImage = errors.New("image is not a dedicated lock image")
 )
 
-// lockImageSize is the size given to a lock image flattend creates; it never holds data.
-const lockImageSize = 1 << 20
+const (
+	// lockImageSize is the size given to a lock image flattend creates; it never holds data.
+	lockImageSize = 1 << 20
+	// maxLockImageSize: anything bigger is somebody's disk, not a lock image.
+	maxLockImageSize = 64 << 20
+)
 
-// Mutex is the lock on one lock image, on one connection.
+// Options configure a Mutex.
+type Options struct {
+	Pool  string
+	Image string // slot 0 is Image itself; slot i > 0 is "Image.i"
+	// Slots is how many flattens may run at once cluster-wide (default 1). Nodes with different
+	// values share the first slots, so at most max(old, new) run while a change rolls out.
+	Slots int
+	// CheckInterval is how often a lease confirms it still owns its slot (default 2 s).
+	CheckInterval time.Duration
+	// Node names this node in the holder record other nodes read.
+	Node string
+}
+
+// SlotImage is the name of slot i's lock image.
+func SlotImage(image string, i int) string {
+	if i == 0 {
+		return image
+	}
+	return image + "." + strconv.Itoa(i)
+}
+
+// HandoverObject is the RADOS object, beside the lock images, on which waiters watch for releases.
+func HandoverObject(image string) string { return image + ".handover" }
+
+// Mutex is the set of slots, on one connection.
 type Mutex struct {
-	conn          *rados.Conn
-	pool, image   string
-	checkInterval time.Duration
+	conn *rados.Conn
+	o    Options
 
-	// inflight counts calls into librbd still running after their caller gave up (a LockAcquire
-	// that blocks behind a dead holder cannot be interrupted). Close waits for them.
+	// inflight counts librbd calls still running after their caller gave up (a LockAcquire that
+	// blocks behind a dead holder cannot be interrupted) and notifications being sent.
 	inflight sync.WaitGroup
+
+	mu      sync.Mutex
+	hand    *handover // nil until Ensure
+	stats   Stats
+	closing bool
 }
 
-// New returns the mutex on pool/image over conn. checkInterval is how often a lease confirms it
-// still owns the lock.
-func New(conn *rados.Conn, pool, image string, checkInterval time.Duration) *Mutex {
-	if checkInterval <= 0 {
-		checkInterval = 2 * time.Second
+// Stats counts what this Mutex asked of the cluster.
+type Stats struct {
+	Attempts      int64 // LockAcquire calls
+	Busy          int64 // of which found every slot busy
+	NotifiesSent  int64
+	WakesReceived int64
+}
+
+// New returns the mutex on the slots described by o, over conn.
+func New(conn *rados.Conn, o Options) *Mutex {
+	if o.Slots < 1 {
+		o.Slots = 1
 	}
-	return &Mutex{conn: conn, pool: pool, image: image, checkInterval: checkInterval}
+	if o.CheckInterval <= 0 {
+		o.CheckInterval = 2 * time.Second
+	}
+	return &Mutex{conn: conn, o: o}
 }
 
-// Name is "pool/image".
-func (m *Mutex) Name() string { return m.pool + "/" + m.image }
+// Name is "pool/image" (of slot 0), with the slot count when there are several.
+func (m *Mutex) Name() string {
+	if m.o.Slots > 1 {
+		return fmt.Sprintf("%s/%s (%d slots)", m.o.Pool, m.o.Image, m.o.Slots)
+	}
+	return m.o.Pool + "/" + m.o.Image
+}
 
-// Ensure creates the lock image if it is missing and checks that it is fit to be one. Many nodes
-// may call it at once: creating races are settled by Ceph, "already exists" counts as success.
+// Stats returns the counters so far.
+func (m *Mutex) Stats() Stats {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.stats
+}
+
+// Ensure creates the lock images and the handover object if they are missing, checks that the
+// images are fit to be lock images, and starts watching for releases. Many nodes may call it at
+// once: creating races are settled by Ceph, "already exists" counts as success.
 func (m *Mutex) Ensure() error {
-	ioctx, err := cephconn.OpenPool(m.conn, m.pool)
+	ioctx, err := cephconn.OpenPool(m.conn, m.o.Pool)
 	if err != nil {
 		return fmt.Errorf("lock image %s: %w", m.Name(), err)
 	}
 	defer ioctx.Destroy()
-	_, err = rbd.Create2(ioctx, m.image, lockImageSize, rbd.FeatureLayering|rbd.FeatureExclusiveLock, 22)
-	if err != nil && !errors.Is(err, rbd.ErrExist) && !cephconn.IsErrno(err, syscall.EEXIST) {
-		if h := cephconn.Hint(err); h != "" {
-			return fmt.Errorf("creating lock image %s: %w (%s)", m.Name(), err, h)
+	for i := range m.o.Slots {
+		name := SlotImage(m.o.Image, i)
+		_, err = rbd.Create2(ioctx, name, lockImageSize, rbd.FeatureLayering|rbd.FeatureExclusiveLock, 22)
+		if err != nil && !errors.Is(err, rbd.ErrExist) && !cephconn.IsErrno(err, syscall.EEXIST) {
+			return fmt.Errorf("creating lock image %s/%s: %w", m.o.Pool, name, hint(err))
 		}
-		return fmt.Errorf("creating lock image %s: %w", m.Name(), err)
 	}
-	return m.Check()
-}
-
-// Check verifies, without changing anything, that the lock image exists and is fit.
-func (m *Mutex) Check() error {
-	ioctx, err := cephconn.OpenPool(m.conn, m.pool)
-	if err != nil {
-		return fmt.Errorf("lock image %s: %w", m.Name(), err)
+	if err := m.Check(); err != nil {
+		return err
 	}
-	defer ioctx.Destroy()
-	img, err := rbd.OpenImageReadOnly(ioctx, m.image, rbd.NoSnapshot)
-	if err != nil {
-		return fmt.Errorf("opening lock image %s: %w", m.Name(), err)
-	}
-	defer img.Close()
-	features, err := img.GetFeatures()
-	if err != nil {
-		return fmt.Errorf("features of lock image %s: %w", m.Name(), err)
-	}
-	if features&rbd.FeatureExclusiveLock == 0 {
-		return fmt.Errorf("%s: %w (rbd feature enable %s exclusive-lock)", m.Name(), ErrNoExclusiveLock, m.Name())
-	}
-	if _, err := img.GetParent(); err == nil {
-		return fmt.Errorf("%s: %w: it is a clone; point lock.image at a dedicated image", m.Name(), ErrNotLockImage)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.hand == nil && !m.closing {
+		h, err := startHandover(m.conn, m.o.Pool, HandoverObject(m.o.Image), &m.stats, &m.mu)
+		if err != nil {
+			return fmt.Errorf("watching %s/%s: %w", m.o.Pool, HandoverObject(m.o.Image), hint(err))
+		}
+		m.hand = h
 	}
 	return nil
 }
 
-// TryLock takes the lock if it is free and returns ErrLocked if another live client holds it.
+// Check verifies, without changing anything, that every slot's lock image exists and is fit: it
+// has the exclusive-lock feature, no parent, and no data.
+func (m *Mutex) Check() error {
+	ioctx, err := cephconn.OpenPool(m.conn, m.o.Pool)
+	if err != nil {
+		return fmt.Errorf("lock image %s: %w", m.Name(), err)
+	}
+	defer ioctx.Destroy()
+	for i := range m.o.Slots {
+		if err := checkImage(ioctx, m.o.Pool, SlotImage(m.o.Image, i)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func checkImage(ioctx *rados.IOContext, pool, name string) error {
+	spec := pool + "/" + name
+	img, err := rbd.OpenImageReadOnly(ioctx, name, rbd.NoSnapshot)
+	if err != nil {
+		return fmt.Errorf("opening lock image %s: %w", spec, hint(err))
+	}
+	defer img.Close()
+	features, err := img.GetFeatures()
+	if err != nil {
+		return fmt.Errorf("features of lock image %s: %w", spec, err)
+	}
+	if features&rbd.FeatureExclusiveLock == 0 {
+		return fmt.Errorf("%s: %w (rbd feature enable %s exclusive-lock)", spec, ErrNoExclusiveLock, spec)
+	}
+	if _, err := img.GetParent(); err == nil {
+		return fmt.Errorf("%s: %w: it is a clone; point lock.image at a dedicated image", spec, ErrNotLockImage)
+	}
+	size, err := img.GetSize()
+	if err != nil {
+		return fmt.Errorf("size of lock image %s: %w", spec, err)
+	}
+	if size > maxLockImageSize {
+		return fmt.Errorf("%s: %w: it is %d MiB; point lock.image at a dedicated image (flattend creates a 1 MiB one)", spec, ErrNotLockImage, size>>20)
+	}
+	hasData := false
+	err = img.DiffIterate(rbd.DiffIterateConfig{Offset: 0, Length: size, IncludeParent: rbd.ExcludeParent,
+		WholeObject: rbd.EnableWholeObject, Callback: func(_, _ uint64, exists int, _ interface{}) int {
+			if exists != 0 {
+				hasData = true
+			}
+			return 0
+		}})
+	if err != nil {
+		return fmt.Errorf("reading lock image %s: %w", spec, hint(err))
+	}
+	if hasData {
+		return fmt.Errorf("%s: %w: it holds data; point lock.image at a dedicated image", spec, ErrNotLockImage)
+	}
+	return nil
+}
+
+// Wake returns a channel that receives when a holder anywhere released a slot: the moment for a
+// waiter to try again, without waiting for its backoff.
+func (m *Mutex) Wake() <-chan struct{} {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.hand == nil {
+		return nil
+	}
+	return m.hand.wake
+}
+
+// TryLock takes a free slot and returns ErrLocked if live clients hold every slot. Slots are
+// tried from a random one so that nodes spread over them.
 //
 // Behind a holder that died, librbd blocks until the dead client's watch times out (about 30 s),
 // then breaks its lock and blocklists it. The call runs in its own goroutine so that ctx can give
 // up on it; a lock it still obtains after that is released at once.
 func (m *Mutex) TryLock(ctx context.Context) (*Lease, error) {
 	type result struct {
-		img *rbd.Image
-		err error
+		img  *rbd.Image
+		slot int
+		err  error
 	}
 	ch := make(chan result, 1)
 	var mu sync.Mutex
@@ -120,24 +235,38 @@ func (m *Mutex) TryLock(ctx context.Context) (*Lease, error) {
 	m.inflight.Add(1)
 	go func() {
 		defer m.inflight.Done()
-		img, err := m.acquire()
+		var r result
+		r.err = ErrLocked
+		first := rand.N(m.o.Slots)
+		for k := range m.o.Slots {
+			slot := (first + k) % m.o.Slots
+			img, err := m.acquire(SlotImage(m.o.Image, slot))
+			if errors.Is(err, ErrLocked) {
+				continue
+			}
+			r = result{img, slot, err}
+			break
+		}
 		mu.Lock()
 		defer mu.Unlock()
 		if abandoned {
-			if err == nil {
-				_ = img.LockRelease()
-				_ = img.Close()
+			if r.err == nil {
+				_ = r.img.LockRelease()
+				_ = r.img.Close()
 			}
 			return
 		}
-		ch <- result{img, err}
+		ch <- r
 	}()
 	select {
 	case r := <-ch:
 		if r.err != nil {
+			if errors.Is(r.err, ErrLocked) {
+				m.count(func(s *Stats) { s.Busy++ })
+			}
 			return nil, r.err
 		}
-		return m.newLease(r.img), nil
+		return m.newLease(r.img, r.slot), nil
 	case <-ctx.Done():
 		mu.Lock()
 		abandoned = true
@@ -154,17 +283,25 @@ func (m *Mutex) TryLock(ctx context.Context) (*Lease, error) {
 	}
 }
 
-func (m *Mutex) acquire() (*rbd.Image, error) {
-	ioctx, err := cephconn.OpenPool(m.conn, m.pool)
+func (m *Mutex) count(f func(*Stats)) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	f(&m.stats)
+}
+
+func (m *Mutex) acquire(name string) (*rbd.Image, error) {
+	spec := m.o.Pool + "/" + name
+	ioctx, err := cephconn.OpenPool(m.conn, m.o.Pool)
 	if err != nil {
-		return nil, fmt.Errorf("lock image %s: %w", m.Name(), err)
+		return nil, fmt.Errorf("lock image %s: %w", spec, err)
 	}
-	// The image keeps using ioctx's settings; librbd holds its own reference to the pool.
+	// The image keeps working after ioctx is destroyed: librbd holds its own copy.
 	defer ioctx.Destroy()
-	img, err := rbd.OpenImage(ioctx, m.image, rbd.NoSnapshot)
+	img, err := rbd.OpenImage(ioctx, name, rbd.NoSnapshot)
 	if err != nil {
-		return nil, fmt.Errorf("opening lock image %s: %w", m.Name(), wrapErr(err))
+		return nil, fmt.Errorf("opening lock image %s: %w", spec, wrapErr(err))
 	}
+	m.count(func(s *Stats) { s.Attempts++ })
 	err = img.LockAcquire(rbd.LockModeExclusive)
 	if err == nil {
 		return img, nil
@@ -174,9 +311,9 @@ func (m *Mutex) acquire() (*rbd.Image, error) {
 	case cephconn.IsErrno(err, syscall.EROFS), cephconn.IsErrno(err, syscall.EBUSY):
 		return nil, ErrLocked
 	case cephconn.IsErrno(err, syscall.EINVAL):
-		return nil, fmt.Errorf("%s: %w (rbd feature enable %s exclusive-lock)", m.Name(), ErrNoExclusiveLock, m.Name())
+		return nil, fmt.Errorf("%s: %w (rbd feature enable %s exclusive-lock)", spec, ErrNoExclusiveLock, spec)
 	}
-	return nil, fmt.Errorf("acquiring lock on %s: %w", m.Name(), wrapErr(err))
+	return nil, fmt.Errorf("acquiring lock on %s: %w", spec, wrapErr(err))
 }
 
 // wrapErr marks errors that mean this connection is dead as ErrLost as well.
@@ -184,17 +321,49 @@ func wrapErr(err error) error {
 	if cephconn.IsBlocklisted(err) {
 		return fmt.Errorf("%w: %w (this client was blocklisted)", ErrLost, err)
 	}
+	return hint(err)
+}
+
+func hint(err error) error {
 	if h := cephconn.Hint(err); h != "" {
 		return fmt.Errorf("%w (%s)", err, h)
 	}
 	return err
 }
 
-// Close waits, at most until ctx ends, for librbd calls that callers gave up on. The connection
-// may be shut down only after Close returned nil.
+// released tells waiting nodes that a slot is free. It does not wait for their answers.
+func (m *Mutex) released() {
+	m.mu.Lock()
+	h := m.hand
+	if h == nil || m.closing {
+		m.mu.Unlock()
+		return
+	}
+	m.stats.NotifiesSent++
+	m.inflight.Add(1)
+	m.mu.Unlock()
+	go func() {
+		defer m.inflight.Done()
+		h.notify()
+	}()
+}
+
+// Close stops watching for releases and waits, at most until ctx ends, for librbd calls that
+// callers gave up on. The connection may be shut down only after Close returned nil.
 func (m *Mutex) Close(ctx context.Context) error {
+	m.mu.Lock()
+	m.closing = true
+	h := m.hand
+	m.hand = nil
+	m.mu.Unlock()
 	done := make(chan struct{})
-	go func() { m.inflight.Wait(); close(done) }()
+	go func() {
+		m.inflight.Wait() // notifications use the handover's I/O context: they end first
+		if h != nil {
+			h.stop()
+		}
+		close(done)
+	}()
 	select {
 	case <-done:
 		return nil
@@ -203,110 +372,14 @@ func (m *Mutex) Close(ctx context.Context) error {
 	}
 }
 
-// Lease is a held lock. Done closes when the lock is lost; Unlock releases it.
-type Lease struct {
-	m     *Mutex
-	img   *rbd.Image
-	since time.Time
-
-	done      chan struct{}
-	stop      chan struct{}
-	monitored sync.WaitGroup
-	mu        sync.Mutex
-	err       error // why done closed
-	unlocked  bool
-}
-
-func (m *Mutex) newLease(img *rbd.Image) *Lease {
-	l := &Lease{m: m, img: img, since: time.Now(), done: make(chan struct{}), stop: make(chan struct{})}
-	l.monitored.Add(1)
-	go l.monitor()
-	return l
-}
-
-// Since is when the lock was taken.
-func (l *Lease) Since() time.Time { return l.since }
-
-// Done closes when the lock is lost (not on Unlock).
-func (l *Lease) Done() <-chan struct{} { return l.done }
-
-// Err says why Done closed: an error wrapping ErrLost. Nil while the lease holds.
-func (l *Lease) Err() error {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.err
-}
-
-// Context returns a context that is cancelled, with the lease's Err as cause, when the lock is
-// lost or parent ends. Call cancel when done with it.
-func (l *Lease) Context(parent context.Context) (context.Context, context.CancelFunc) {
-	ctx, cancel := context.WithCancelCause(parent)
-	go func() { // ends with ctx, at the latest when the caller cancels it
-		select {
-		case <-l.done:
-			cancel(l.Err())
-		case <-ctx.Done():
-		}
-	}()
-	return ctx, func() { cancel(context.Canceled) }
-}
-
-// monitor confirms ownership every checkInterval; any doubt ends the lease.
-func (l *Lease) monitor() {
-	defer l.monitored.Done()
-	t := time.NewTicker(l.m.checkInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-l.stop:
-			return
-		case <-t.C:
-		}
-		owner, err := l.img.LockIsExclusiveOwner()
-		switch {
-		case err != nil:
-			l.lose(fmt.Errorf("%w: checking ownership of %s: %w", ErrLost, l.m.Name(), err))
-			return
-		case !owner:
-			l.lose(fmt.Errorf("%w: %s is no longer ours (another node broke it)", ErrLost, l.m.Name()))
-			return
-		}
+// watchHealth says how long ago this connection's watch was last confirmed by the OSD, or why it
+// is broken. A client cut off from the cluster, or blocklisted, finds out here.
+func (m *Mutex) watchHealth() (time.Duration, error) {
+	m.mu.Lock()
+	h := m.hand
+	m.mu.Unlock()
+	if h == nil {
+		return 0, nil
 	}
-}
-
-func (l *Lease) lose(err error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.err == nil && !l.unlocked {
-		l.err = err
-		close(l.done)
-	}
-}
-
-// Unlock stops the ownership checks, releases the lock and closes the lock image. After a loss
-// it only closes the image and returns the loss.
-func (l *Lease) Unlock() error {
-	l.mu.Lock()
-	if l.unlocked {
-		l.mu.Unlock()
-		return nil
-	}
-	l.unlocked = true
-	lost := l.err
-	l.mu.Unlock()
-	close(l.stop)
-	l.monitored.Wait()
-
-	var err error
-	if lost == nil {
-		if rerr := l.img.LockRelease(); rerr != nil {
-			err = fmt.Errorf("releasing lock on %s: %w", l.m.Name(), wrapErr(rerr))
-		}
-	} else {
-		err = lost
-	}
-	if cerr := l.img.Close(); cerr != nil && err == nil {
-		err = fmt.Errorf("closing lock image %s: %w", l.m.Name(), cerr)
-	}
-	return err
+	return h.watcher.Check()
 }

@@ -27,7 +27,7 @@ func TestEnsureConcurrentCreate(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			errs[i] = lock.New(c, cephtest.Pool, image, time.Second).Ensure()
+			errs[i] = lock.New(c, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second}).Ensure()
 		}()
 	}
 	wg.Wait()
@@ -54,7 +54,7 @@ func TestLockImageWithoutExclusiveLock(t *testing.T) {
 	if _, err := rbd.Create2(ioctx, image, 1<<20, rbd.FeatureLayering, 22); err != nil {
 		t.Fatal(err)
 	}
-	err := lock.New(conn, cephtest.Pool, image, time.Second).Ensure()
+	err := lock.New(conn, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second}).Ensure()
 	if !errors.Is(err, lock.ErrNoExclusiveLock) {
 		t.Fatalf("Ensure = %v, want ErrNoExclusiveLock", err)
 	}
@@ -63,7 +63,7 @@ func TestLockImageWithoutExclusiveLock(t *testing.T) {
 
 func TestMissingPool(t *testing.T) {
 	conn := cephtest.Connect(t)
-	err := lock.New(conn, "no-such-pool", "flattend-lock", time.Second).Ensure()
+	err := lock.New(conn, lock.Options{Pool: "no-such-pool", Image: "flattend-lock", CheckInterval: time.Second}).Ensure()
 	if err == nil || !strings.Contains(err.Error(), `pool "no-such-pool" does not exist`) {
 		t.Fatalf("Ensure = %v, want a missing-pool error", err)
 	}
@@ -73,8 +73,8 @@ func TestTryLockBusyThenFree(t *testing.T) {
 	connA, connB := cephtest.Connect(t), cephtest.Connect(t)
 	cephtest.IOContext(t, connA)
 	image := cephtest.Name(t, "lock")
-	a := lock.New(connA, cephtest.Pool, image, time.Second)
-	b := lock.New(connB, cephtest.Pool, image, time.Second)
+	a := lock.New(connA, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second})
+	b := lock.New(connB, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second})
 	if err := a.Ensure(); err != nil {
 		t.Fatal(err)
 	}
@@ -110,7 +110,7 @@ func TestLeaseLossIsSignalled(t *testing.T) {
 	connA, connB := cephtest.Connect(t), cephtest.Connect(t)
 	ioB := cephtest.IOContext(t, connB)
 	image := cephtest.Name(t, "lock")
-	a := lock.New(connA, cephtest.Pool, image, 500*time.Millisecond)
+	a := lock.New(connA, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: 500*time.Millisecond})
 	if err := a.Ensure(); err != nil {
 		t.Fatal(err)
 	}
@@ -164,7 +164,7 @@ func TestTryLockCancelled(t *testing.T) {
 	conn := cephtest.Connect(t)
 	cephtest.IOContext(t, conn)
 	image := cephtest.Name(t, "lock")
-	m := lock.New(conn, cephtest.Pool, image, time.Second)
+	m := lock.New(conn, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second})
 	if err := m.Ensure(); err != nil {
 		t.Fatal(err)
 	}
@@ -176,7 +176,7 @@ func TestTryLockCancelled(t *testing.T) {
 	if err := m.Close(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	other := lock.New(cephtest.Connect(t), cephtest.Pool, image, time.Second)
+	other := lock.New(cephtest.Connect(t), lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second})
 	l, err := other.TryLock(context.Background())
 	if err != nil {
 		t.Fatalf("lock left taken by an abandoned TryLock: %v", err)

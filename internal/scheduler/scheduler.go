@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"sync/atomic"
 	"time"
 
@@ -24,15 +25,17 @@ var ErrWindowClosed = errors.New("the flatten window closed")
 
 // Config is what the scheduler needs, already validated.
 type Config struct {
-	Node              string
-	Window            Window
-	BackoffMin        time.Duration
-	BackoffMax        time.Duration
-	RescanInterval    time.Duration // discovery again, inside an open window, after a pass
-	LockPool          string
-	LockImage         string
-	LockCheckInterval time.Duration
+	Node           string
+	Window         Window
+	BackoffMin     time.Duration
+	BackoffMax     time.Duration
+	RescanInterval time.Duration // discovery again, inside an open window, after a pass
+	Lock           lock.Options
 }
+
+// wakeJitter spreads the nodes woken by one release over a few milliseconds, so that the first
+// to try usually gets the slot and the others find it taken without piling onto the lock image.
+const wakeJitter = 20 * time.Millisecond
 
 // Dialer makes a fresh RADOS connection.
 type Dialer func() (*rados.Conn, error)
@@ -163,7 +166,7 @@ func (s *Scheduler) flattenOne(ctx context.Context, c discovery.Clone) error {
 		case errors.Is(err, lock.ErrLocked):
 			d := bo.Next()
 			s.log.Debug("lock busy, backing off", zap.String("lock", mutex.Name()), zap.String("image", c.Spec()), zap.Duration("wait", d))
-			if err := sleep(ctx, d); err != nil {
+			if err := waitForRelease(ctx, mutex.Wake(), d); err != nil {
 				return err
 			}
 			continue
@@ -177,11 +180,11 @@ func (s *Scheduler) flattenOne(ctx context.Context, c discovery.Clone) error {
 		case err != nil:
 			return err
 		}
-		s.log.Debug("lock acquired", zap.String("lock", mutex.Name()), zap.String("image", c.Spec()), zap.Duration("waited", time.Since(waitStart)))
+		s.log.Debug("lock acquired", zap.String("lock", lease.Image()), zap.String("image", c.Spec()), zap.Duration("waited", time.Since(waitStart)))
 
 		ferr := s.flattenUnder(ctx, conn, lease, c)
 		uerr := lease.Unlock()
-		s.log.Debug("lock released", zap.String("lock", mutex.Name()), zap.NamedError("unlock_error", uerr))
+		s.log.Debug("lock released", zap.String("lock", lease.Image()), zap.NamedError("unlock_error", uerr))
 		if uerr != nil || cephconn.IsBlocklisted(ferr) || errors.Is(ferr, lock.ErrLost) {
 			// The lock was lost or the connection fenced: never reuse it.
 			s.log.Warn("lock lost, reconnecting", zap.NamedError("lease", uerr), zap.NamedError("flatten", ferr))
@@ -214,10 +217,12 @@ func (s *Scheduler) flattenUnder(ctx context.Context, conn *rados.Conn, lease *l
 
 	fctx, cancel := lease.Context(ctx)
 	defer cancel()
-	log.Info("flatten started", zap.String("parent", info.Parent), zap.Uint64("bytes", info.Overlap))
+	lease.Working(t.String())
+	log.Info("flatten started", zap.String("parent", info.Parent), zap.Uint64("bytes", info.Overlap), zap.String("lock", lease.Image()))
 	start := time.Now()
 	var decile atomic.Int64
 	err = flattener.Flatten(fctx, conn, t, func(done, total uint64) {
+		lease.Progress(done, total)
 		if total == 0 {
 			return
 		}
@@ -252,7 +257,9 @@ func (s *Scheduler) session() (*rados.Conn, *lock.Mutex, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	m := lock.New(conn, s.cfg.LockPool, s.cfg.LockImage, s.cfg.LockCheckInterval)
+	o := s.cfg.Lock
+	o.Node = s.cfg.Node
+	m := lock.New(conn, o)
 	if err := m.Ensure(); err != nil {
 		conn.Shutdown()
 		return nil, nil, err
@@ -282,6 +289,20 @@ func (s *Scheduler) Close(ctx context.Context) {
 		return
 	}
 	conn.Shutdown()
+}
+
+// waitForRelease waits d, or less when a holder announces a release on wake.
+func waitForRelease(ctx context.Context, wake <-chan struct{}, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-wake:
+		return sleep(ctx, rand.N(wakeJitter))
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	}
 }
 
 func sleep(ctx context.Context, d time.Duration) error {

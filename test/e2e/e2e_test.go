@@ -63,7 +63,7 @@ func TestWaitsForHeldLock(t *testing.T) {
 	conn := cephtest.Connect(t)
 	ioctx := cephtest.IOContext(t, conn)
 	lockImage := cephtest.Name(t, "lock")
-	if err := lock.New(conn, cephtest.Pool, lockImage, time.Second).Ensure(); err != nil {
+	if err := lock.New(conn, lock.Options{Pool: cephtest.Pool, Image: lockImage, CheckInterval: time.Second}).Ensure(); err != nil {
 		t.Fatal(err)
 	}
 	release := cephtest.HoldLock(t, ioctx, lockImage)
@@ -123,7 +123,7 @@ func TestTimeoutCancelsAndNextRunResumes(t *testing.T) {
 		t.Fatal("cancelled flatten detached the parent")
 	}
 	// The lock was released: another client takes it at once.
-	l, err := lock.New(conn, cephtest.Pool, lockImage, time.Second).TryLock(context.Background())
+	l, err := lock.New(conn, lock.Options{Pool: cephtest.Pool, Image: lockImage, CheckInterval: time.Second}).TryLock(context.Background())
 	if err != nil {
 		t.Fatalf("lock not released on SIGTERM: %v", err)
 	}

@@ -1,0 +1,60 @@
+package lock
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"github.com/ceph/go-ceph/rados"
+	"github.com/ceph/go-ceph/rbd"
+
+	"github.com/flattend/flattend/internal/cephconn"
+)
+
+// SlotStatus is what any node can read about one slot.
+type SlotStatus struct {
+	Slot   int     `json:"slot"`
+	Image  string  `json:"lock_image"`
+	Owner  string  `json:"owner,omitempty"`  // client address of the current lock owner, "" if free
+	Holder *Record `json:"holder,omitempty"` // what the holder wrote; may be stale
+	// Stale is true when a record is there but its writer does not own the lock any more (it
+	// died, or was fenced, before clearing it).
+	Stale bool `json:"stale"`
+}
+
+// ReadStatus reads every slot's owner and holder record. It changes nothing.
+func ReadStatus(conn *rados.Conn, pool, image string, slots int) ([]SlotStatus, error) {
+	ioctx, err := cephconn.OpenPool(conn, pool)
+	if err != nil {
+		return nil, err
+	}
+	defer ioctx.Destroy()
+	var out []SlotStatus
+	for i := range max(slots, 1) {
+		name := SlotImage(image, i)
+		st := SlotStatus{Slot: i, Image: pool + "/" + name}
+		// Lock owners can only be listed on an image opened read-write (it takes no lock).
+		img, err := rbd.OpenImage(ioctx, name, rbd.NoSnapshot)
+		if errors.Is(err, rbd.ErrNotFound) {
+			out = append(out, st) // not created yet: free
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("opening lock image %s: %w", st.Image, hint(err))
+		}
+		owners, err := img.LockGetOwners()
+		if err == nil && len(owners) > 0 {
+			st.Owner = owners[0].Owner
+		}
+		if v, err := img.GetMetadata(RecordKey); err == nil {
+			var r Record
+			if json.Unmarshal([]byte(v), &r) == nil {
+				st.Holder = &r
+				st.Stale = st.Owner == "" || (r.Client != "" && r.Client != st.Owner)
+			}
+		}
+		_ = img.Close()
+		out = append(out, st)
+	}
+	return out, nil
+}

@@ -1,0 +1,98 @@
+// Package status renders the cluster-wide view of the lock: who holds each slot, which clone it
+// is flattening, how far it got. The data comes from the lock images (internal/lock.ReadStatus).
+package status
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"text/tabwriter"
+	"time"
+
+	"github.com/flattend/flattend/internal/lock"
+)
+
+// Slot is one slot as `flattend status --json` prints it (a stable, documented format).
+type Slot struct {
+	lock.SlotStatus
+	Percent    *float64 `json:"percent,omitempty"`
+	ElapsedSec *float64 `json:"elapsed_s,omitempty"` // since the clone's flatten started
+	ETASec     *float64 `json:"eta_s,omitempty"`
+	HeldSec    *float64 `json:"held_s,omitempty"` // since the lock was taken
+}
+
+// Report is the whole of `flattend status --json`.
+type Report struct {
+	Time  time.Time `json:"time"`
+	Slots []Slot    `json:"slots"`
+}
+
+// Build derives progress, elapsed time and ETA from the raw slot states at now.
+func Build(slots []lock.SlotStatus, now time.Time) Report {
+	r := Report{Time: now.UTC()}
+	for _, s := range slots {
+		out := Slot{SlotStatus: s}
+		if h := s.Holder; h != nil && !s.Stale {
+			out.HeldSec = ptr(now.Sub(h.Since).Seconds())
+			if h.Clone != "" && !h.Started.IsZero() {
+				elapsed := now.Sub(h.Started).Seconds()
+				out.ElapsedSec = ptr(elapsed)
+				if h.Total > 0 {
+					out.Percent = ptr(100 * float64(h.Done) / float64(h.Total))
+					if h.Done > 0 {
+						out.ETASec = ptr(elapsed * float64(h.Total-h.Done) / float64(h.Done))
+					}
+				}
+			}
+		}
+		r.Slots = append(r.Slots, out)
+	}
+	return r
+}
+
+func ptr(v float64) *float64 { return &v }
+
+// WriteJSON prints r as indented JSON.
+func WriteJSON(w io.Writer, r Report) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(r)
+}
+
+// WriteText prints r as a table for people.
+func WriteText(w io.Writer, r Report) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SLOT\tLOCK IMAGE\tSTATE\tNODE\tPID\tCLONE\tPROGRESS\tELAPSED\tETA")
+	for _, s := range r.Slots {
+		state, node, pid, clone, pct, elapsed, eta := "free", "-", "-", "-", "-", "-", "-"
+		switch {
+		case s.Holder != nil && s.Stale && s.Owner == "":
+			state = "free (stale record)"
+		case s.Holder != nil && s.Stale:
+			state = "held (stale record)"
+		case s.Holder != nil:
+			state = "held"
+		case s.Owner != "":
+			state = "held (no record)"
+		}
+		if h := s.Holder; h != nil {
+			node, pid = h.Node, fmt.Sprint(h.PID)
+			if h.Clone != "" {
+				clone = h.Clone
+			}
+		}
+		if s.Percent != nil {
+			pct = fmt.Sprintf("%.0f%%", *s.Percent)
+		}
+		if s.ElapsedSec != nil {
+			elapsed = secs(*s.ElapsedSec)
+		}
+		if s.ETASec != nil {
+			eta = secs(*s.ETASec)
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Slot, s.Image, state, node, pid, clone, pct, elapsed, eta)
+	}
+	return tw.Flush()
+}
+
+func secs(s float64) string { return (time.Duration(s) * time.Second).Round(time.Second).String() }

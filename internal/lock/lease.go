@@ -15,8 +15,15 @@ import (
 // RecordKey is the image-meta key on a lock image under which its holder describes itself.
 const RecordKey = "flattend.holder"
 
-// recordEvery bounds how often a holder rewrites its record while it makes progress.
-const recordEvery = 3 * time.Second
+// recordEvery bounds how often a holder rewrites its record while it makes progress;
+// heartbeatEvery is how often it rewrites it anyway, so that readers can tell a live holder
+// from a dead one whose lock nobody has broken yet (StaleAfter).
+const (
+	recordEvery    = 3 * time.Second
+	heartbeatEvery = 10 * time.Second
+	// StaleAfter is how old a holder record may get before readers call it stale.
+	StaleAfter = 3 * heartbeatEvery
+)
 
 // maxUnconfirmed is how long this connection's watch may go unconfirmed by the OSD before the
 // lease is given up. Other nodes break a holder's lock only after its watch timed out
@@ -54,6 +61,9 @@ type Lease struct {
 	record   Record
 	dirty    bool // record changed since written
 	written  time.Time
+	// interrupted is the record a previous holder left behind: it lost the lock (killed, cut
+	// off, fenced) before it could clear it.
+	interrupted *Record
 }
 
 func (m *Mutex) newLease(img *rbd.Image, slot int) *Lease {
@@ -62,13 +72,23 @@ func (m *Mutex) newLease(img *rbd.Image, slot int) *Lease {
 	if owners, err := img.LockGetOwners(); err == nil && len(owners) == 1 {
 		client = owners[0].Owner
 	}
+	if v, err := img.GetMetadata(RecordKey); err == nil {
+		var r Record
+		if json.Unmarshal([]byte(v), &r) == nil {
+			l.interrupted = &r
+		}
+	}
 	l.record = Record{Node: m.o.Node, PID: os.Getpid(), Client: client, Since: l.since.UTC()}
 	l.dirty = true
-	l.writeRecord()
+	_ = l.writeRecord() // best effort: Working writes it again, and must succeed
 	l.monitored.Add(1)
 	go l.monitor()
 	return l
 }
+
+// Interrupted returns the record of a previous holder that lost this slot without releasing it
+// (nil after a clean release). Its Clone, if any, was being flattened when it stopped.
+func (l *Lease) Interrupted() *Record { return l.interrupted }
 
 // Slot is the index of the held slot.
 func (l *Lease) Slot() int { return l.slot }
@@ -103,12 +123,19 @@ func (l *Lease) Context(parent context.Context) (context.Context, context.Cancel
 	return ctx, func() { cancel(context.Canceled) }
 }
 
-// Working records the clone being flattened under this lease, for `flattend status`.
-func (l *Lease) Working(clone string) {
+// Working records, on the lock image and before the flatten starts, the clone about to be
+// flattened under this lease. `flattend status` shows it, and if this holder dies or is fenced
+// mid-way, the next holder learns from it which clone to repair (Interrupted). Do not flatten
+// if it fails.
+func (l *Lease) Working(clone string) error {
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	l.record.Clone, l.record.Done, l.record.Total, l.record.Started = clone, 0, 0, time.Now().UTC()
 	l.dirty = true
+	l.mu.Unlock()
+	if err := l.writeRecord(); err != nil {
+		return fmt.Errorf("recording the clone on lock image %s: %w", l.Image(), wrapErr(err))
+	}
+	return nil
 }
 
 // Progress records the flatten's progress. It never calls into librbd (it runs in librbd's
@@ -122,11 +149,11 @@ func (l *Lease) Progress(done, total uint64) {
 
 // writeRecord stores the record on the lock image if it changed. Only the holder can write it:
 // image-meta changes need the exclusive lock.
-func (l *Lease) writeRecord() {
+func (l *Lease) writeRecord() error {
 	l.mu.Lock()
 	if !l.dirty {
 		l.mu.Unlock()
-		return
+		return nil
 	}
 	r := l.record
 	r.Updated = time.Now().UTC()
@@ -134,7 +161,7 @@ func (l *Lease) writeRecord() {
 	l.written = time.Now()
 	l.mu.Unlock()
 	b, _ := json.Marshal(r)
-	_ = l.img.SetMetadata(RecordKey, string(b)) // best effort: status only
+	return l.img.SetMetadata(RecordKey, string(b))
 }
 
 // monitor confirms ownership every CheckInterval; any doubt ends the lease. It also writes the
@@ -154,10 +181,12 @@ func (l *Lease) monitor() {
 			return
 		}
 		l.mu.Lock()
-		due := time.Since(l.written) >= recordEvery
+		age := time.Since(l.written)
+		due := (l.dirty && age >= recordEvery) || age >= heartbeatEvery
+		l.dirty = l.dirty || due
 		l.mu.Unlock()
 		if due {
-			l.writeRecord()
+			_ = l.writeRecord() // progress for status only
 		}
 	}
 }

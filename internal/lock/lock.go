@@ -78,18 +78,22 @@ type Mutex struct {
 	// blocks behind a dead holder cannot be interrupted) and notifications being sent.
 	inflight sync.WaitGroup
 
-	mu      sync.Mutex
-	hand    *handover // nil until Ensure
-	stats   Stats
-	closing bool
+	mu           sync.Mutex
+	hand         *handover // nil until Ensure
+	stats        Stats
+	closing      bool
+	waitingSince time.Time     // when this node began waiting for a slot; zero when not waiting
+	handingOver  chan struct{} // closed when the last release's handover is done
+	granted      bool          // that handover gave the slot to a waiting node
 }
 
 // Stats counts what this Mutex asked of the cluster.
 type Stats struct {
 	Attempts      int64 // LockAcquire calls
-	Busy          int64 // of which found every slot busy
+	Busy          int64 // TryLocks that found every slot busy
 	NotifiesSent  int64
-	WakesReceived int64
+	Grants        int64 // releases that handed the slot to a waiting node
+	WakesReceived int64 // grants received
 }
 
 // New returns the mutex on the slots described by o, over conn.
@@ -140,7 +144,8 @@ func (m *Mutex) Ensure() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.hand == nil && !m.closing {
-		h, err := startHandover(m.conn, m.o.Pool, HandoverObject(m.o.Image), &m.stats, &m.mu)
+		h, err := startHandover(m.conn, m.o.Pool, HandoverObject(m.o.Image), m.waitingSinceNow,
+			func() { m.count(func(s *Stats) { s.WakesReceived++ }) })
 		if err != nil {
 			return fmt.Errorf("watching %s/%s: %w", m.o.Pool, HandoverObject(m.o.Image), hint(err))
 		}
@@ -206,8 +211,54 @@ func checkImage(ioctx *rados.IOContext, pool, name string) error {
 	return nil
 }
 
-// Wake returns a channel that receives when a holder anywhere released a slot: the moment for a
-// waiter to try again, without waiting for its backoff.
+func (m *Mutex) waitingSinceNow() time.Time {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.waitingSince
+}
+
+// Wait marks this node as waiting for a slot (if it was not already), so that releasing holders
+// hand it one in turn. TryLock does it by itself when it finds every slot busy.
+func (m *Mutex) Wait() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.waitingSince.IsZero() {
+		m.waitingSince = time.Now()
+	}
+}
+
+// StopWaiting withdraws this node from the queue of waiters (it has nothing left to do).
+func (m *Mutex) StopWaiting() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.waitingSince = time.Time{}
+}
+
+// HandedOver waits (until ctx ends) for the handover of this node's last release and reports
+// whether the slot went to a waiting node. A node with more work then waits its turn instead of
+// taking the slot straight back.
+func (m *Mutex) HandedOver(ctx context.Context) bool {
+	m.mu.Lock()
+	ch := m.handingOver
+	m.mu.Unlock()
+	if ch == nil {
+		return false
+	}
+	select {
+	case <-ch:
+	case <-ctx.Done():
+		return false
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.handingOver == ch {
+		m.handingOver = nil // answer once per release
+	}
+	return m.granted
+}
+
+// Wake returns a channel that receives when a releasing holder granted this node a slot: the
+// moment to try again, without waiting for the backoff.
 func (m *Mutex) Wake() <-chan struct{} {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -263,9 +314,11 @@ func (m *Mutex) TryLock(ctx context.Context) (*Lease, error) {
 		if r.err != nil {
 			if errors.Is(r.err, ErrLocked) {
 				m.count(func(s *Stats) { s.Busy++ })
+				m.Wait()
 			}
 			return nil, r.err
 		}
+		m.StopWaiting()
 		return m.newLease(r.img, r.slot), nil
 	case <-ctx.Done():
 		mu.Lock()
@@ -331,7 +384,8 @@ func hint(err error) error {
 	return err
 }
 
-// released tells waiting nodes that a slot is free. It does not wait for their answers.
+// released hands the freed slot to the longest-waiting node, in the background (HandedOver
+// tells how it went).
 func (m *Mutex) released() {
 	m.mu.Lock()
 	h := m.hand
@@ -339,12 +393,21 @@ func (m *Mutex) released() {
 		m.mu.Unlock()
 		return
 	}
-	m.stats.NotifiesSent++
+	done := make(chan struct{})
+	m.handingOver, m.granted = done, false
 	m.inflight.Add(1)
 	m.mu.Unlock()
 	go func() {
 		defer m.inflight.Done()
-		h.notify()
+		granted, notifies := h.release()
+		m.mu.Lock()
+		m.granted = granted
+		m.stats.NotifiesSent += int64(notifies)
+		if granted {
+			m.stats.Grants++
+		}
+		m.mu.Unlock()
+		close(done)
 	}()
 }
 

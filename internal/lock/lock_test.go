@@ -110,7 +110,7 @@ func TestLeaseLossIsSignalled(t *testing.T) {
 	connA, connB := cephtest.Connect(t), cephtest.Connect(t)
 	ioB := cephtest.IOContext(t, connB)
 	image := cephtest.Name(t, "lock")
-	a := lock.New(connA, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: 500*time.Millisecond})
+	a := lock.New(connA, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: 500 * time.Millisecond})
 	if err := a.Ensure(); err != nil {
 		t.Fatal(err)
 	}
@@ -182,4 +182,159 @@ func TestTryLockCancelled(t *testing.T) {
 		t.Fatalf("lock left taken by an abandoned TryLock: %v", err)
 	}
 	_ = l.Unlock()
+}
+
+func TestSlots(t *testing.T) {
+	image := cephtest.Name(t, "slots")
+	var leases []*lock.Lease
+	var muts []*lock.Mutex
+	for range 3 {
+		c := cephtest.Connect(t)
+		m := lock.New(c, lock.Options{Pool: cephtest.Pool, Image: image, Slots: 2, Node: "n"})
+		if err := m.Ensure(); err != nil {
+			t.Fatal(err)
+		}
+		muts = append(muts, m)
+	}
+	for i := range 2 {
+		l, err := muts[i].TryLock(context.Background())
+		if err != nil {
+			t.Fatalf("slot %d: %v", i, err)
+		}
+		leases = append(leases, l)
+	}
+	if leases[0].Slot() == leases[1].Slot() {
+		t.Fatalf("two leases on slot %d", leases[0].Slot())
+	}
+	if _, err := muts[2].TryLock(context.Background()); !errors.Is(err, lock.ErrLocked) {
+		t.Fatalf("third node with 2 slots held: %v, want ErrLocked", err)
+	}
+	// A node configured with 1 slot competes for slot 0 only.
+	one := lock.New(cephtest.Connect(t), lock.Options{Pool: cephtest.Pool, Image: image, Slots: 1})
+	if err := one.Ensure(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := one.TryLock(context.Background()); !errors.Is(err, lock.ErrLocked) {
+		t.Fatalf("1-slot node while both slots held: %v", err)
+	}
+	free := leases[0].Slot()
+	if err := leases[0].Unlock(); err != nil {
+		t.Fatal(err)
+	}
+	l, err := muts[2].TryLock(context.Background())
+	if err != nil || l.Slot() != free {
+		t.Fatalf("after releasing slot %d: %v, %v", free, l, err)
+	}
+	_ = l.Unlock()
+	_ = leases[1].Unlock()
+}
+
+// A release wakes the waiters on other connections at once.
+func TestReleaseWakesWaiters(t *testing.T) {
+	image := cephtest.Name(t, "wake")
+	holder := lock.New(cephtest.Connect(t), lock.Options{Pool: cephtest.Pool, Image: image})
+	waiter := lock.New(cephtest.Connect(t), lock.Options{Pool: cephtest.Pool, Image: image})
+	for _, m := range []*lock.Mutex{holder, waiter} {
+		if err := m.Ensure(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l, err := holder.TryLock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := waiter.TryLock(context.Background()); !errors.Is(err, lock.ErrLocked) {
+		t.Fatal(err)
+	}
+	select {
+	case <-waiter.Wake():
+		t.Fatal("woken before any release")
+	default:
+	}
+	if err := l.Unlock(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-waiter.Wake():
+	case <-time.After(5 * time.Second):
+		t.Fatal("no wake-up within 5 s of the release")
+	}
+	wl, err := waiter.TryLock(context.Background())
+	if err != nil {
+		t.Fatalf("woken waiter could not take the lock: %v", err)
+	}
+	_ = wl.Unlock()
+	if s := waiter.Stats(); s.WakesReceived < 1 || s.Attempts != 2 {
+		t.Errorf("waiter stats %+v", s)
+	}
+}
+
+// The holder describes itself on the lock image; any node reads it; a record whose writer no
+// longer owns the lock reads as stale.
+func TestHolderRecordAndStatus(t *testing.T) {
+	image := cephtest.Name(t, "rec")
+	connA := cephtest.Connect(t)
+	a := lock.New(connA, lock.Options{Pool: cephtest.Pool, Image: image, Node: "node-a", CheckInterval: 200 * time.Millisecond})
+	if err := a.Ensure(); err != nil {
+		t.Fatal(err)
+	}
+	l, err := a.TryLock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Working("pool/clone"); err != nil {
+		t.Fatal(err)
+	}
+	l.Progress(5, 20)
+	reader := cephtest.Connect(t)
+	var st []lock.SlotStatus
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st, err = lock.ReadStatus(reader, cephtest.Pool, image, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if h := st[0].Holder; h != nil && h.Clone == "pool/clone" && h.Done == 5 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("record never showed the progress: %+v", st[0].Holder)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if h := st[0].Holder; h.Node != "node-a" || h.Total != 20 || st[0].Stale || st[0].Owner == "" || h.Client != st[0].Owner {
+		t.Fatalf("status %+v holder %+v", st[0], h)
+	}
+	// Break the lock from elsewhere, as a node taking over from a dead holder does.
+	ioB := cephtest.IOContext(t, reader)
+	img, err := rbd.OpenImage(ioB, image, rbd.NoSnapshot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := img.LockBreak(rbd.LockModeExclusive, st[0].Owner); err != nil {
+		t.Fatal(err)
+	}
+	img.Close()
+	st, err = lock.ReadStatus(reader, cephtest.Pool, image, 1)
+	if err != nil || st[0].Holder == nil || !st[0].Stale {
+		t.Fatalf("after the break: %+v, %v; want a stale record", st, err)
+	}
+	<-l.Done()
+	_ = l.Unlock()
+}
+
+func TestLockImageWithDataRefused(t *testing.T) {
+	conn := cephtest.Connect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "data"), 4<<20, 22)
+	err := lock.New(conn, lock.Options{Pool: cephtest.Pool, Image: p.Name}).Ensure()
+	if !errors.Is(err, lock.ErrNotLockImage) || !strings.Contains(err.Error(), "holds data") {
+		t.Fatalf("Ensure on a data image = %v", err)
+	}
+	clone := cephtest.Name(t, "clone")
+	cephtest.Clone(t, ioctx, p, clone, "")
+	err = lock.New(conn, lock.Options{Pool: cephtest.Pool, Image: clone}).Ensure()
+	if !errors.Is(err, lock.ErrNotLockImage) || !strings.Contains(err.Error(), "clone") {
+		t.Fatalf("Ensure on a clone = %v", err)
+	}
 }

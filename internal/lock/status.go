@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/ceph/go-ceph/rados"
 	"github.com/ceph/go-ceph/rbd"
@@ -18,12 +19,14 @@ type SlotStatus struct {
 	Owner  string  `json:"owner,omitempty"`  // client address of the current lock owner, "" if free
 	Holder *Record `json:"holder,omitempty"` // what the holder wrote; may be stale
 	// Stale is true when a record is there but its writer does not own the lock any more (it
-	// died, or was fenced, before clearing it).
+	// was fenced, or died and its lock was broken), or has not refreshed it for StaleAfter
+	// (it died, or hangs, and nobody has broken its lock yet).
 	Stale bool `json:"stale"`
 }
 
 // ReadStatus reads every slot's owner and holder record. It changes nothing.
 func ReadStatus(conn *rados.Conn, pool, image string, slots int) ([]SlotStatus, error) {
+	now := time.Now()
 	ioctx, err := cephconn.OpenPool(conn, pool)
 	if err != nil {
 		return nil, err
@@ -50,7 +53,7 @@ func ReadStatus(conn *rados.Conn, pool, image string, slots int) ([]SlotStatus, 
 			var r Record
 			if json.Unmarshal([]byte(v), &r) == nil {
 				st.Holder = &r
-				st.Stale = st.Owner == "" || (r.Client != "" && r.Client != st.Owner)
+				st.Stale = st.Owner == "" || (r.Client != "" && r.Client != st.Owner) || now.Sub(r.Updated) > StaleAfter
 			}
 		}
 		_ = img.Close()

@@ -7,7 +7,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"sync/atomic"
 	"time"
 
@@ -33,10 +32,6 @@ type Config struct {
 	Lock           lock.Options
 }
 
-// wakeJitter spreads the nodes woken by one release over a few milliseconds, so that the first
-// to try usually gets the slot and the others find it taken without piling onto the lock image.
-const wakeJitter = 20 * time.Millisecond
-
 // Dialer makes a fresh RADOS connection.
 type Dialer func() (*rados.Conn, error)
 
@@ -50,11 +45,14 @@ type Scheduler struct {
 
 	conn  *rados.Conn
 	mutex *lock.Mutex
+	// unclean lists clones whose flatten this process lost mid-way: their object map must be
+	// rebuilt before they are resumed.
+	unclean map[string]bool
 }
 
 // New returns a scheduler. Call Close when done.
 func New(cfg Config, dial Dialer, sources []discovery.Source, log *zap.Logger) *Scheduler {
-	return &Scheduler{cfg: cfg, dial: dial, sources: sources, log: log.With(zap.String("node", cfg.Node))}
+	return &Scheduler{cfg: cfg, dial: dial, sources: sources, log: log.With(zap.String("node", cfg.Node)), unclean: map[string]bool{}}
 }
 
 // Summary counts what a pass did.
@@ -149,6 +147,9 @@ func (s *Scheduler) Pass(ctx context.Context) (Summary, error) {
 			sum.Failed = append(sum.Failed, c.Spec()+": "+err.Error())
 		}
 	}
+	if s.mutex != nil {
+		s.mutex.StopWaiting() // grants to a node with nothing left to do would be wasted
+	}
 	return sum, nil
 }
 
@@ -160,6 +161,15 @@ func (s *Scheduler) flattenOne(ctx context.Context, c discovery.Clone) error {
 		conn, mutex, err := s.session()
 		if err != nil {
 			return err
+		}
+		if mutex.HandedOver(ctx) {
+			// Our last release went to a node that was waiting: wait our turn like everyone.
+			mutex.Wait()
+			d := bo.Next()
+			s.log.Debug("slot handed over, waiting our turn", zap.String("image", c.Spec()), zap.Duration("wait", d))
+			if err := waitForRelease(ctx, mutex.Wake(), d); err != nil {
+				return err
+			}
 		}
 		lease, err := mutex.TryLock(ctx)
 		switch {
@@ -182,7 +192,10 @@ func (s *Scheduler) flattenOne(ctx context.Context, c discovery.Clone) error {
 		}
 		s.log.Debug("lock acquired", zap.String("lock", lease.Image()), zap.String("image", c.Spec()), zap.Duration("waited", time.Since(waitStart)))
 
-		ferr := s.flattenUnder(ctx, conn, lease, c)
+		ferr := s.repairInterrupted(conn, lease, c)
+		if ferr == nil {
+			ferr = s.flattenUnder(ctx, conn, lease, c)
+		}
 		uerr := lease.Unlock()
 		s.log.Debug("lock released", zap.String("lock", lease.Image()), zap.NamedError("unlock_error", uerr))
 		if uerr != nil || cephconn.IsBlocklisted(ferr) || errors.Is(ferr, lock.ErrLost) {
@@ -190,13 +203,56 @@ func (s *Scheduler) flattenOne(ctx context.Context, c discovery.Clone) error {
 			s.log.Warn("lock lost, reconnecting", zap.NamedError("lease", uerr), zap.NamedError("flatten", ferr))
 			s.discard()
 		}
-		if ferr == nil && uerr != nil {
-			// The flatten finished before the loss showed; librbd only detaches the parent after
-			// every object is copied, so a finished flatten is complete.
+		switch {
+		case ferr == nil:
+			// Even if the loss shows only now: librbd detaches the parent only after every object
+			// is copied, and a fenced client cannot finish, so a finished flatten is complete.
 			return nil
+		case ctx.Err() == nil && (errors.Is(ferr, lock.ErrLost) || cephconn.IsBlocklisted(ferr) || errors.Is(uerr, lock.ErrLost)):
+			s.unclean[c.Spec()] = true
+			// Losing the lock is not the clone's fault: take it again (on a new connection) and
+			// resume where the copy stopped.
+			if err := sleep(ctx, bo.Next()); err != nil {
+				return err
+			}
+			continue
 		}
 		return ferr
 	}
+}
+
+// repairInterrupted rebuilds the object map of a clone whose flatten stopped uncleanly: one this
+// process lost, or the one a previous holder of this slot was flattening when it was killed, cut
+// off or fenced (its record is still on the lock image). It runs under the lock, like a flatten.
+// An error means c itself could not be repaired and must not be flattened now.
+func (s *Scheduler) repairInterrupted(conn *rados.Conn, lease *lock.Lease, c discovery.Clone) error {
+	var specs []string
+	if r := lease.Interrupted(); r != nil && r.Clone != "" {
+		s.log.Warn("previous holder stopped without releasing", zap.String("lock", lease.Image()),
+			zap.String("holder", r.Node), zap.Int("pid", r.PID), zap.String("clone", r.Clone))
+		specs = append(specs, r.Clone)
+	}
+	if s.unclean[c.Spec()] {
+		specs = append(specs, c.Spec())
+	}
+	var cErr error
+	for _, spec := range specs {
+		t, err := flattener.ParseTarget(spec)
+		if err == nil {
+			err = flattener.RepairObjectMap(conn, t)
+		}
+		switch {
+		case err == nil, errors.Is(err, flattener.ErrNotFound):
+			s.log.Info("object map rebuilt after an interrupted flatten", zap.String("image", spec))
+			delete(s.unclean, spec)
+		default:
+			s.log.Error("rebuilding the object map failed", zap.String("image", spec), zap.Error(err))
+			if spec == c.Spec() {
+				cErr = fmt.Errorf("not resuming an interrupted flatten before its object map is rebuilt: %w", err)
+			}
+		}
+	}
+	return cErr
 }
 
 // flattenUnder flattens c while lease holds; losing the lease cancels the flatten.
@@ -217,7 +273,9 @@ func (s *Scheduler) flattenUnder(ctx context.Context, conn *rados.Conn, lease *l
 
 	fctx, cancel := lease.Context(ctx)
 	defer cancel()
-	lease.Working(t.String())
+	if err := lease.Working(t.String()); err != nil {
+		return err
+	}
 	log.Info("flatten started", zap.String("parent", info.Parent), zap.Uint64("bytes", info.Overlap), zap.String("lock", lease.Image()))
 	start := time.Now()
 	var decile atomic.Int64
@@ -299,7 +357,7 @@ func waitForRelease(ctx context.Context, wake <-chan struct{}, d time.Duration) 
 	case <-t.C:
 		return nil
 	case <-wake:
-		return sleep(ctx, rand.N(wakeJitter))
+		return nil
 	case <-ctx.Done():
 		return context.Cause(ctx)
 	}

@@ -294,7 +294,7 @@ func TestCheckExplainsCephProblems(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "does not exist yet; the first run creates it") {
 		t.Fatalf("check on a good config: exit %d\n%s", code, out)
 	}
-	bad := strings.Replace(string(must(os.ReadFile(cfg))), "- {pool: "+cephtest.Pool+"}", "- {pool: no-such-pool}", 1)
+	bad := strings.Replace(string(must(os.ReadFile(cfg))), "[{pool: "+cephtest.Pool+"}]", "[{pool: no-such-pool}]", 1)
 	if err := os.WriteFile(cfg, []byte(bad), 0o644); err != nil {
 		t.Fatal(err)
 	}

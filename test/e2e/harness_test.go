@@ -45,24 +45,28 @@ func TestMain(m *testing.M) {
 }
 
 // nodeConfig writes a config for node with the test cluster, a lock image of the test's own and
-// JSON debug logs; extra is appended as YAML.
+// JSON debug logs. extra is YAML whose top-level keys replace the defaults' lines.
 func nodeConfig(t *testing.T, node, lockImage, extra string) string {
 	t.Helper()
-	conf := cephtest.ConfPath(t)
-	if !strings.Contains(extra, "window:") {
-		extra += "window: {schedule: \"* * * * *\", duration: 1h}\n" // always open
+	lines := []string{
+		"node: " + node,
+		fmt.Sprintf("ceph: {conf: %s, user: admin, connect_timeout: 20s}", cephtest.ConfPath(t)),
+		fmt.Sprintf("lock: {pool: %s, image: %s, check_interval: 1s}", cephtest.Pool, lockImage),
+		`window: {schedule: "* * * * *", duration: 1h}`, // always open
+		"backoff: {min: 200ms, max: 1s}",
+		"log: {level: debug, format: json}",
+		fmt.Sprintf("discovery: {pools: [{pool: %s}]}", cephtest.Pool),
 	}
-	body := fmt.Sprintf(`node: %s
-ceph: {conf: %s, user: admin, connect_timeout: 20s}
-lock: {pool: %s, image: %s, check_interval: 1s}
-backoff: {min: 200ms, max: 1s}
-log: {level: debug, format: json}
-discovery:
-  pools:
-    - {pool: %s}
-%s`, node, conf, cephtest.Pool, lockImage, cephtest.Pool, extra)
+	var body []string
+	for _, l := range lines {
+		key := l[:strings.IndexByte(l, ':')+1]
+		if !strings.HasPrefix(extra, key) && !strings.Contains(extra, "\n"+key) {
+			body = append(body, l)
+		}
+	}
+	body = append(body, extra)
 	p := filepath.Join(t.TempDir(), node+".yaml")
-	if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+	if err := os.WriteFile(p, []byte(strings.Join(body, "\n")+"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	return p

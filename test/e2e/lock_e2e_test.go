@@ -1,0 +1,274 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"sort"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/flattend/flattend/internal/status"
+	"github.com/flattend/flattend/test/cephtest"
+)
+
+// Three nodes, four clones each, started together: all flat and correct, never two at once, and
+// the record of who held the lock when shows the nodes handing over to each other.
+func TestThreeNodesHandOver(t *testing.T) {
+	conn := cephtest.Connect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	lockImage := cephtest.Name(t, "lock")
+	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 32<<20, 22)
+	var nodes, clones []string
+	for n := range 3 {
+		node := cephtest.Name(t, fmt.Sprintf("n%d", n))
+		nodes = append(nodes, node)
+		for i := range 4 {
+			c := fmt.Sprintf("%s-c%d", node, i)
+			cephtest.Clone(t, ioctx, p, c, node)
+			clones = append(clones, c)
+		}
+	}
+	var procs []*proc
+	for _, n := range nodes {
+		procs = append(procs, start(t, "once", "--config", nodeConfig(t, n, lockImage, "backoff: {min: 1s, max: 5s}\n")))
+	}
+	var all []event
+	for i, pr := range procs {
+		if code := pr.wait(t, 3*time.Minute); code != 0 {
+			t.Fatalf("node %s exited %d", nodes[i], code)
+		}
+		all = append(all, pr.events(t)...)
+	}
+	for _, c := range clones {
+		cephtest.AssertFlatAndIntact(t, ioctx, p, c)
+	}
+	ivs := intervals(t, all, time.Time{})
+	if len(ivs) != 12 {
+		t.Fatalf("%d flattens, want 12", len(ivs))
+	}
+	assertNoOverlap(t, ivs)
+	sort.Slice(ivs, func(i, j int) bool { return ivs[i].from.Before(ivs[j].from) })
+	handovers := 0
+	var gaps []time.Duration
+	for i := 1; i < len(ivs); i++ {
+		gaps = append(gaps, ivs[i].from.Sub(ivs[i-1].to))
+		if ivs[i].node != ivs[i-1].node {
+			handovers++
+		}
+	}
+	var seq []string
+	for _, iv := range ivs {
+		seq = append(seq, iv.node[len(iv.node)-7:])
+	}
+	t.Logf("order: %s", strings.Join(seq, " "))
+	sort.Slice(gaps, func(i, j int) bool { return gaps[i] < gaps[j] })
+	t.Logf("handovers %d; gap between flattens: median %s, max %s (backoff min 1s: the release notification, not polling, starts the next)",
+		handovers, gaps[len(gaps)/2].Round(time.Millisecond), gaps[len(gaps)-1].Round(time.Millisecond))
+	if handovers < 2 {
+		t.Errorf("only %d handovers between nodes: %s", handovers, strings.Join(seq, " "))
+	}
+	// With a 1 s minimum backoff, only the release notification can start the next flatten
+	// within a few hundred ms; the median gap shows it worked.
+	if gaps[len(gaps)/2] > 900*time.Millisecond {
+		t.Errorf("median gap %s: waiters are not woken by the release", gaps[len(gaps)/2])
+	}
+}
+
+// slots: 2 and four nodes: never more than two flattens at once, and two most of the time while
+// work remains.
+func TestTwoSlotsFourNodes(t *testing.T) {
+	conn := cephtest.Connect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	lockImage := cephtest.Name(t, "lock")
+	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 32<<20, 16) // 512 small objects: ~2 s each
+	var procs []*proc
+	var clones []string
+	for n := range 4 {
+		node := cephtest.Name(t, fmt.Sprintf("n%d", n))
+		for i := range 2 {
+			c := fmt.Sprintf("%s-c%d", node, i)
+			cephtest.Clone(t, ioctx, p, c, node)
+			clones = append(clones, c)
+		}
+		procs = append(procs, start(t, "once", "--config", nodeConfig(t, node, lockImage, "lock: {pool: "+cephtest.Pool+", image: "+lockImage+", slots: 2}\nflatten: {concurrent_ops: 1}\n")))
+	}
+	var all []event
+	for _, pr := range procs {
+		if code := pr.wait(t, 3*time.Minute); code != 0 {
+			t.Fatalf("exit %d", code)
+		}
+		all = append(all, pr.events(t)...)
+	}
+	for _, c := range clones {
+		cephtest.AssertFlatAndIntact(t, ioctx, p, c)
+	}
+	ivs := intervals(t, all, time.Time{})
+	if len(ivs) != 8 {
+		t.Fatalf("%d flattens, want 8", len(ivs))
+	}
+	type edge struct {
+		at    time.Time
+		delta int
+	}
+	var edges []edge
+	lastStart := time.Time{}
+	for _, iv := range ivs {
+		edges = append(edges, edge{iv.from, +1}, edge{iv.to, -1})
+		if iv.from.After(lastStart) {
+			lastStart = iv.from
+		}
+	}
+	sort.Slice(edges, func(i, j int) bool {
+		if edges[i].at.Equal(edges[j].at) {
+			return edges[i].delta < edges[j].delta
+		}
+		return edges[i].at.Before(edges[j].at)
+	})
+	running, maxRunning := 0, 0
+	var two, total time.Duration
+	for i, e := range edges {
+		running += e.delta
+		maxRunning = max(maxRunning, running)
+		if i+1 < len(edges) && e.at.Before(lastStart) {
+			end := edges[i+1].at
+			if end.After(lastStart) {
+				end = lastStart
+			}
+			total += end.Sub(e.at)
+			if running == 2 {
+				two += end.Sub(e.at)
+			}
+		}
+	}
+	if maxRunning > 2 {
+		t.Fatalf("%d flattens ran at once with slots: 2", maxRunning)
+	}
+	frac := float64(two) / float64(total)
+	t.Logf("two flattens running %.0f%% of the time until the last one started", 100*frac)
+	if frac < 0.5 {
+		t.Errorf("two slots used only %.0f%% of the time while work remained", 100*frac)
+	}
+}
+
+// A holder stopped (SIGSTOP) past the watch timeout is broken and blocklisted by the node that
+// takes over. When it wakes (SIGCONT) it finds the lock lost, does not finish "its" flatten on
+// it, reconnects and completes its clone under a new lock.
+func TestStoppedHolderIsFencedAndRecovers(t *testing.T) {
+	conn := cephtest.Connect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	lockImage := cephtest.Name(t, "lock")
+	slow := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "slow"), 64<<20, 16)
+	small := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "small"), 8<<20, 22)
+	nodeA, nodeB := cephtest.Name(t, "a"), cephtest.Name(t, "b")
+	cloneA, cloneB := nodeA+"-c", nodeB+"-c"
+	cephtest.Clone(t, ioctx, slow, cloneA, nodeA)
+	cephtest.Clone(t, ioctx, small, cloneB, nodeB)
+
+	a := start(t, "once", "--config", nodeConfig(t, nodeA, lockImage, "flatten: {concurrent_ops: 1}\n"))
+	a.waitFor(t, time.Minute, "progress to 20%", func(e event) bool { return e.Msg == "flatten progress" && e.Percent >= 20 })
+	if err := a.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	stoppedAt := time.Now()
+	b := start(t, "once", "--config", nodeConfig(t, nodeB, lockImage, ""))
+	if code := b.wait(t, cephtest.WatchTimeout()+time.Minute); code != 0 {
+		t.Fatalf("node b exited %d", code)
+	}
+	cephtest.AssertFlatAndIntact(t, ioctx, small, cloneB)
+	if !cephtest.IsClone(t, ioctx, cloneA) {
+		t.Fatal("a's clone got flat while a was stopped")
+	}
+	bDone := time.Now()
+	if err := a.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	if code := a.wait(t, 2*time.Minute); code != 0 {
+		t.Fatalf("node a exited %d after SIGCONT", code)
+	}
+	cephtest.AssertFlatAndIntact(t, ioctx, slow, cloneA)
+
+	aIvs := intervals(t, a.events(t), time.Time{})
+	bIvs := intervals(t, b.events(t), time.Time{})
+	if len(aIvs) != 2 || aIvs[0].result == "flat" || aIvs[1].result != "flat" {
+		t.Fatalf("a's flattens %+v: want one stopped by the loss, then one that finished", aIvs)
+	}
+	if len(bIvs) != 1 || bIvs[0].from.Before(stoppedAt) {
+		t.Fatalf("b's flatten %+v started before a was stopped", bIvs)
+	}
+	if aIvs[1].from.Before(bDone) {
+		t.Fatalf("a restarted its flatten at %s, before b was done at %s", aIvs[1].from, bDone)
+	}
+	lost := false
+	for _, e := range a.events(t) {
+		if strings.Contains(e.Msg, "lock lost") || strings.Contains(e.Error, "lock lost") {
+			lost = true
+		}
+	}
+	if !lost {
+		t.Error("a never said it lost the lock")
+	}
+	t.Logf("a's first flatten ended %q: %s", aIvs[0].result, firstError(a.events(t)))
+}
+
+func firstError(evs []event) string {
+	for _, e := range evs {
+		if e.Msg == "flatten finished" && e.Error != "" {
+			return e.Error
+		}
+	}
+	return ""
+}
+
+// flattend status shows, from any node, who holds the lock, on which clone, how far.
+func TestStatusShowsHolder(t *testing.T) {
+	conn := cephtest.Connect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	lockImage := cephtest.Name(t, "lock")
+	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 64<<20, 16)
+	node := cephtest.Name(t, "n")
+	cephtest.Clone(t, ioctx, p, node+"-c", node)
+	cfg := nodeConfig(t, node, lockImage, "flatten: {concurrent_ops: 1}\n")
+	other := nodeConfig(t, cephtest.Name(t, "observer"), lockImage, "")
+
+	code, out := runCmd(t, 30*time.Second, "status", "--config", other, "--json")
+	var r status.Report
+	if code != 0 || json.Unmarshal([]byte(out), &r) != nil || len(r.Slots) != 1 || r.Slots[0].Holder != nil {
+		t.Fatalf("status with nobody holding: exit %d\n%s", code, out)
+	}
+	pr := start(t, "once", "--config", cfg)
+	pr.waitFor(t, time.Minute, "progress to 30%", func(e event) bool { return e.Msg == "flatten progress" && e.Percent >= 30 })
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		code, out = runCmd(t, 30*time.Second, "status", "--config", other, "--json")
+		r = status.Report{}
+		if code != 0 || json.Unmarshal([]byte(out), &r) != nil {
+			t.Fatalf("status: exit %d\n%s", code, out)
+		}
+		if s := r.Slots[0]; s.Holder != nil && s.Percent != nil && *s.Percent > 0 {
+			if s.Holder.Node != node || s.Holder.Clone != cephtest.Pool+"/"+node+"-c" || s.Stale || s.ETASec == nil {
+				t.Fatalf("status: %s", out)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("status never showed progress: %s", out)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	code, text := runCmd(t, 30*time.Second, "status", "--config", other)
+	if code != 0 || !strings.Contains(text, node) || !strings.Contains(text, "held") {
+		t.Errorf("status text: exit %d\n%s", code, text)
+	}
+	t.Logf("status while flattening:\n%s", text)
+	if code := pr.wait(t, 2*time.Minute); code != 0 {
+		t.Fatalf("once exited %d", code)
+	}
+	code, out = runCmd(t, 30*time.Second, "status", "--config", other, "--json")
+	r = status.Report{}
+	if code != 0 || json.Unmarshal([]byte(out), &r) != nil || r.Slots[0].Holder != nil || r.Slots[0].Owner != "" {
+		t.Fatalf("status after release: %s", out)
+	}
+}
+

@@ -271,4 +271,3 @@ func TestStatusShowsHolder(t *testing.T) {
 		t.Fatalf("status after release: %s", out)
 	}
 }
-

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ceph/go-ceph/rados"
 	"github.com/ceph/go-ceph/rbd"
 
 	"github.com/flattend/flattend/internal/lock"
@@ -27,7 +28,7 @@ func TestEnsureConcurrentCreate(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			errs[i] = lock.New(c, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second}).Ensure()
+			errs[i] = newMutex(t, c, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second}).Ensure()
 		}()
 	}
 	wg.Wait()
@@ -54,7 +55,7 @@ func TestLockImageWithoutExclusiveLock(t *testing.T) {
 	if _, err := rbd.Create2(ioctx, image, 1<<20, rbd.FeatureLayering, 22); err != nil {
 		t.Fatal(err)
 	}
-	err := lock.New(conn, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second}).Ensure()
+	err := newMutex(t, conn, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second}).Ensure()
 	if !errors.Is(err, lock.ErrNoExclusiveLock) {
 		t.Fatalf("Ensure = %v, want ErrNoExclusiveLock", err)
 	}
@@ -63,7 +64,7 @@ func TestLockImageWithoutExclusiveLock(t *testing.T) {
 
 func TestMissingPool(t *testing.T) {
 	conn := cephtest.Connect(t)
-	err := lock.New(conn, lock.Options{Pool: "no-such-pool", Image: "flattend-lock", CheckInterval: time.Second}).Ensure()
+	err := newMutex(t, conn, lock.Options{Pool: "no-such-pool", Image: "flattend-lock", CheckInterval: time.Second}).Ensure()
 	if err == nil || !strings.Contains(err.Error(), `pool "no-such-pool" does not exist`) {
 		t.Fatalf("Ensure = %v, want a missing-pool error", err)
 	}
@@ -73,8 +74,8 @@ func TestTryLockBusyThenFree(t *testing.T) {
 	connA, connB := cephtest.Connect(t), cephtest.Connect(t)
 	cephtest.IOContext(t, connA)
 	image := cephtest.Name(t, "lock")
-	a := lock.New(connA, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second})
-	b := lock.New(connB, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second})
+	a := newMutex(t, connA, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second})
+	b := newMutex(t, connB, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second})
 	if err := a.Ensure(); err != nil {
 		t.Fatal(err)
 	}
@@ -110,7 +111,7 @@ func TestLeaseLossIsSignalled(t *testing.T) {
 	connA, connB := cephtest.Connect(t), cephtest.Connect(t)
 	ioB := cephtest.IOContext(t, connB)
 	image := cephtest.Name(t, "lock")
-	a := lock.New(connA, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: 500 * time.Millisecond})
+	a := newMutex(t, connA, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: 500 * time.Millisecond})
 	if err := a.Ensure(); err != nil {
 		t.Fatal(err)
 	}
@@ -164,7 +165,7 @@ func TestTryLockCancelled(t *testing.T) {
 	conn := cephtest.Connect(t)
 	cephtest.IOContext(t, conn)
 	image := cephtest.Name(t, "lock")
-	m := lock.New(conn, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second})
+	m := newMutex(t, conn, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second})
 	if err := m.Ensure(); err != nil {
 		t.Fatal(err)
 	}
@@ -176,7 +177,7 @@ func TestTryLockCancelled(t *testing.T) {
 	if err := m.Close(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	other := lock.New(cephtest.Connect(t), lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second})
+	other := newMutex(t, cephtest.Connect(t), lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second})
 	l, err := other.TryLock(context.Background())
 	if err != nil {
 		t.Fatalf("lock left taken by an abandoned TryLock: %v", err)
@@ -190,7 +191,7 @@ func TestSlots(t *testing.T) {
 	var muts []*lock.Mutex
 	for range 3 {
 		c := cephtest.Connect(t)
-		m := lock.New(c, lock.Options{Pool: cephtest.Pool, Image: image, Slots: 2, Node: "n"})
+		m := newMutex(t, c, lock.Options{Pool: cephtest.Pool, Image: image, Slots: 2, Node: "n"})
 		if err := m.Ensure(); err != nil {
 			t.Fatal(err)
 		}
@@ -210,7 +211,7 @@ func TestSlots(t *testing.T) {
 		t.Fatalf("third node with 2 slots held: %v, want ErrLocked", err)
 	}
 	// A node configured with 1 slot competes for slot 0 only.
-	one := lock.New(cephtest.Connect(t), lock.Options{Pool: cephtest.Pool, Image: image, Slots: 1})
+	one := newMutex(t, cephtest.Connect(t), lock.Options{Pool: cephtest.Pool, Image: image, Slots: 1})
 	if err := one.Ensure(); err != nil {
 		t.Fatal(err)
 	}
@@ -232,8 +233,8 @@ func TestSlots(t *testing.T) {
 // A release wakes the waiters on other connections at once.
 func TestReleaseWakesWaiters(t *testing.T) {
 	image := cephtest.Name(t, "wake")
-	holder := lock.New(cephtest.Connect(t), lock.Options{Pool: cephtest.Pool, Image: image})
-	waiter := lock.New(cephtest.Connect(t), lock.Options{Pool: cephtest.Pool, Image: image})
+	holder := newMutex(t, cephtest.Connect(t), lock.Options{Pool: cephtest.Pool, Image: image})
+	waiter := newMutex(t, cephtest.Connect(t), lock.Options{Pool: cephtest.Pool, Image: image})
 	for _, m := range []*lock.Mutex{holder, waiter} {
 		if err := m.Ensure(); err != nil {
 			t.Fatal(err)
@@ -274,7 +275,7 @@ func TestReleaseWakesWaiters(t *testing.T) {
 func TestHolderRecordAndStatus(t *testing.T) {
 	image := cephtest.Name(t, "rec")
 	connA := cephtest.Connect(t)
-	a := lock.New(connA, lock.Options{Pool: cephtest.Pool, Image: image, Node: "node-a", CheckInterval: 200 * time.Millisecond})
+	a := newMutex(t, connA, lock.Options{Pool: cephtest.Pool, Image: image, Node: "node-a", CheckInterval: 200 * time.Millisecond})
 	if err := a.Ensure(); err != nil {
 		t.Fatal(err)
 	}
@@ -327,14 +328,26 @@ func TestLockImageWithDataRefused(t *testing.T) {
 	conn := cephtest.Connect(t)
 	ioctx := cephtest.IOContext(t, conn)
 	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "data"), 4<<20, 22)
-	err := lock.New(conn, lock.Options{Pool: cephtest.Pool, Image: p.Name}).Ensure()
+	err := newMutex(t, conn, lock.Options{Pool: cephtest.Pool, Image: p.Name}).Ensure()
 	if !errors.Is(err, lock.ErrNotLockImage) || !strings.Contains(err.Error(), "holds data") {
 		t.Fatalf("Ensure on a data image = %v", err)
 	}
 	clone := cephtest.Name(t, "clone")
 	cephtest.Clone(t, ioctx, p, clone, "")
-	err = lock.New(conn, lock.Options{Pool: cephtest.Pool, Image: clone}).Ensure()
+	err = newMutex(t, conn, lock.Options{Pool: cephtest.Pool, Image: clone}).Ensure()
 	if !errors.Is(err, lock.ErrNotLockImage) || !strings.Contains(err.Error(), "clone") {
 		t.Fatalf("Ensure on a clone = %v", err)
 	}
+}
+
+// newMutex is lock.New, closed before the test's connections are shut down (a watch left on a
+// shut-down connection makes librados abort on the next notification).
+func newMutex(t *testing.T, conn *rados.Conn, o lock.Options) *lock.Mutex {
+	m := lock.New(conn, o)
+	t.Cleanup(func() {
+		if err := m.Close(context.Background()); err != nil {
+			t.Error(err)
+		}
+	})
+	return m
 }

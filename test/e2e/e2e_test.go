@@ -63,9 +63,11 @@ func TestWaitsForHeldLock(t *testing.T) {
 	conn := cephtest.Connect(t)
 	ioctx := cephtest.IOContext(t, conn)
 	lockImage := cephtest.Name(t, "lock")
-	if err := lock.New(conn, lock.Options{Pool: cephtest.Pool, Image: lockImage, CheckInterval: time.Second}).Ensure(); err != nil {
+	m := lock.New(conn, lock.Options{Pool: cephtest.Pool, Image: lockImage, CheckInterval: time.Second})
+	if err := m.Ensure(); err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = m.Close(context.Background()) })
 	release := cephtest.HoldLock(t, ioctx, lockImage)
 	node := cephtest.Name(t, "n")
 	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 16<<20, 22)
@@ -123,11 +125,13 @@ func TestTimeoutCancelsAndNextRunResumes(t *testing.T) {
 		t.Fatal("cancelled flatten detached the parent")
 	}
 	// The lock was released: another client takes it at once.
-	l, err := lock.New(conn, lock.Options{Pool: cephtest.Pool, Image: lockImage, CheckInterval: time.Second}).TryLock(context.Background())
+	m := lock.New(conn, lock.Options{Pool: cephtest.Pool, Image: lockImage, CheckInterval: time.Second})
+	l, err := m.TryLock(context.Background())
 	if err != nil {
 		t.Fatalf("lock not released on SIGTERM: %v", err)
 	}
 	_ = l.Unlock()
+	_ = m.Close(context.Background())
 
 	// --timeout: cancelled again, exit 1 because the clone is left.
 	code, out := runCmd(t, time.Minute, "once", "--config", cfg, "--timeout", "1s")

@@ -42,6 +42,7 @@ type handover struct {
 	self    rados.NotifierID
 	watcher *rados.Watcher
 	wake    chan struct{}
+	quit    chan struct{}
 	done    sync.WaitGroup
 	// waitingSince returns when this node began waiting for a slot, zero if it is not waiting.
 	waitingSince func() time.Time
@@ -63,9 +64,9 @@ func startHandover(conn *rados.Conn, pool, oid string, waitingSince func() time.
 		return nil, err
 	}
 	h := &handover{ioctx: ioctx, oid: oid, self: rados.NotifierID(conn.GetInstanceID()), watcher: w,
-		wake: make(chan struct{}, 1), waitingSince: waitingSince, onWake: onWake}
+		wake: make(chan struct{}, 1), quit: make(chan struct{}), waitingSince: waitingSince, onWake: onWake}
 	h.done.Add(1)
-	go h.listen() // ends when stop deletes the watch, which closes both channels
+	go h.listen() // ends when stop closes quit
 	return h, nil
 }
 
@@ -74,6 +75,8 @@ func (h *handover) listen() {
 	events, errs := h.watcher.Events(), h.watcher.Errors()
 	for events != nil || errs != nil {
 		select {
+		case <-h.quit:
+			return
 		case ev, ok := <-events:
 			if !ok {
 				events = nil
@@ -135,7 +138,10 @@ func (h *handover) release() (granted bool, notifies int) {
 }
 
 func (h *handover) stop() {
+	// On a blocklisted connection the unwatch fails and go-ceph leaves the watch's channels open:
+	// quit, not their closing, ends the listener.
 	_ = h.watcher.Delete()
+	close(h.quit)
 	h.done.Wait()
 	h.ioctx.Destroy()
 }

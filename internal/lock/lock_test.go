@@ -345,7 +345,9 @@ func TestLockImageWithDataRefused(t *testing.T) {
 func newMutex(t *testing.T, conn *rados.Conn, o lock.Options) *lock.Mutex {
 	m := lock.New(conn, o)
 	t.Cleanup(func() {
-		if err := m.Close(context.Background()); err != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if err := m.Close(ctx); err != nil {
 			t.Error(err)
 		}
 	})

@@ -34,38 +34,10 @@ func flattendProgress(offset, total C.uint64_t, arg unsafe.Pointer) C.int {
 	return 0
 }
 
-// rebuildObjectMap opens name in ioctx and rebuilds its object map from the objects that really
-// exist, if the image has one. It returns like flattenWithProgress.
-func rebuildObjectMap(ioctx *rados.IOContext, name string) (stage string, errno syscall.Errno) {
-	cname := C.CString(name)
-	defer C.free(unsafe.Pointer(cname))
-
-	var img C.rbd_image_t
-	if ret := C.rbd_open(C.rados_ioctx_t(ioctx.Pointer()), cname, &img, nil); ret < 0 {
-		return "open", syscall.Errno(-ret)
-	}
-	defer C.rbd_close(img)
-	var features C.uint64_t
-	if ret := C.rbd_get_features(img, &features); ret < 0 {
-		return "features", syscall.Errno(-ret)
-	}
-	if features&C.RBD_FEATURE_OBJECT_MAP == 0 {
-		return "", 0
-	}
-	h := cgo.NewHandle(progressFunc(func(uint64, uint64) bool { return true }))
-	defer h.Delete()
-	arg := C.malloc(C.size_t(unsafe.Sizeof(C.uintptr_t(0))))
-	defer C.free(arg)
-	*(*C.uintptr_t)(arg) = C.uintptr_t(h)
-	if ret := C.rbd_rebuild_object_map(img, C.librbd_progress_fn_t(C.flattendProgress), arg); ret < 0 {
-		return "rebuild object map", syscall.Errno(-ret)
-	}
-	return "", 0
-}
-
-// flattenWithProgress opens name in ioctx, flattens it and closes it. It returns the errno
-// librbd returned (0 on success) and where it failed.
-func flattenWithProgress(ioctx *rados.IOContext, name string, progress progressFunc) (stage string, errno syscall.Errno) {
+// withImage opens name in ioctx, runs op on it with a C argument that carries progress to
+// flattendProgress, and closes it. It returns where librbd failed and its errno (0 on success).
+func withImage(ioctx *rados.IOContext, name string, progress progressFunc,
+	op func(img C.rbd_image_t, arg unsafe.Pointer) (stage string, ret C.int)) (string, syscall.Errno) {
 	cname := C.CString(name)
 	defer C.free(unsafe.Pointer(cname))
 
@@ -82,8 +54,31 @@ func flattenWithProgress(ioctx *rados.IOContext, name string, progress progressF
 	defer C.free(arg)
 	*(*C.uintptr_t)(arg) = C.uintptr_t(h)
 
-	if ret := C.rbd_flatten_with_progress(img, C.librbd_progress_fn_t(C.flattendProgress), arg); ret < 0 {
-		return "flatten", syscall.Errno(-ret)
+	if stage, ret := op(img, arg); ret < 0 {
+		return stage, syscall.Errno(-ret)
 	}
 	return "", 0
+}
+
+// flattenWithProgress opens name in ioctx, flattens it and closes it.
+func flattenWithProgress(ioctx *rados.IOContext, name string, progress progressFunc) (stage string, errno syscall.Errno) {
+	return withImage(ioctx, name, progress, func(img C.rbd_image_t, arg unsafe.Pointer) (string, C.int) {
+		return "flatten", C.rbd_flatten_with_progress(img, C.librbd_progress_fn_t(C.flattendProgress), arg)
+	})
+}
+
+// rebuildObjectMap opens name in ioctx and rebuilds its object map from the objects that really
+// exist, if the image has one.
+func rebuildObjectMap(ioctx *rados.IOContext, name string) (stage string, errno syscall.Errno) {
+	always := progressFunc(func(uint64, uint64) bool { return true })
+	return withImage(ioctx, name, always, func(img C.rbd_image_t, arg unsafe.Pointer) (string, C.int) {
+		var features C.uint64_t
+		if ret := C.rbd_get_features(img, &features); ret < 0 {
+			return "features", ret
+		}
+		if features&C.RBD_FEATURE_OBJECT_MAP == 0 {
+			return "", 0
+		}
+		return "rebuild object map", C.rbd_rebuild_object_map(img, C.librbd_progress_fn_t(C.flattendProgress), arg)
+	})
 }

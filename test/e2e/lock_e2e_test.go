@@ -235,7 +235,8 @@ func TestStatusShowsHolder(t *testing.T) {
 	conn := cephtest.Connect(t)
 	ioctx := cephtest.IOContext(t, conn)
 	lockImage := cephtest.Name(t, "lock")
-	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 64<<20, 16)
+	// ~8 s of flatten: the record is rewritten with progress every 3 s, and each status run connects.
+	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 128<<20, 16)
 	node := cephtest.Name(t, "n")
 	cephtest.Clone(t, ioctx, p, node+"-c", node)
 	cfg := nodeConfig(t, node, lockImage, "flatten: {concurrent_ops: 1}\n")

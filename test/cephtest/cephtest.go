@@ -148,8 +148,8 @@ func MakeParent(t testing.TB, ioctx *rados.IOContext, name string, size uint64, 
 	for off := uint64(0); off < size; off += uint64(len(buf)) {
 		chunk := buf[:min(uint64(len(buf)), size-off)]
 		_, _ = rng.Read(chunk)
-		if _, err := img.WriteAt(chunk, int64(off)); err != nil {
-			t.Fatalf("write %s: %v", name, err)
+		if n, err := img.WriteAt(chunk, int64(off)); err != nil || n != len(chunk) {
+			t.Fatalf("write %s at %d: %d of %d bytes, %v", name, off, n, len(chunk), err)
 		}
 		h.Write(chunk)
 	}
@@ -219,8 +219,8 @@ func Digest(t testing.TB, ioctx *rados.IOContext, name string, size uint64) stri
 	buf := make([]byte, 4<<20)
 	for off := uint64(0); off < size; off += uint64(len(buf)) {
 		chunk := buf[:min(uint64(len(buf)), size-off)]
-		if _, err := img.ReadAt(chunk, int64(off)); err != nil {
-			t.Fatalf("read %s: %v", name, err)
+		if n, err := img.ReadAt(chunk, int64(off)); err != nil || n != len(chunk) {
+			t.Fatalf("read %s at %d: %d of %d bytes, %v", name, off, n, len(chunk), err)
 		}
 		h.Write(chunk)
 	}

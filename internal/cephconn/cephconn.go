@@ -102,8 +102,16 @@ const EBLOCKLISTED = syscall.ESHUTDOWN
 // IsBlocklisted reports whether err means this connection was fenced and is dead for good.
 func IsBlocklisted(err error) bool { return IsErrno(err, EBLOCKLISTED) }
 
-// Hint adds what to fix to errors an operator can fix: missing caps and missing pools.
-func Hint(err error) string {
+// WithHint returns err with what to fix appended when an operator can fix it (missing caps) or
+// must know it (this client was blocklisted); other errors are returned as they are.
+func WithHint(err error) error {
+	if h := hint(err); h != "" {
+		return fmt.Errorf("%w (%s)", err, h)
+	}
+	return err
+}
+
+func hint(err error) string {
 	switch {
 	case IsErrno(err, syscall.EPERM), IsErrno(err, syscall.EACCES):
 		return "permission denied: the cephx key lacks caps (needs mon 'profile rbd' and osd 'profile rbd pool=…' on every pool flattend touches)"
@@ -120,10 +128,7 @@ func OpenPool(conn *rados.Conn, pool string) (*rados.IOContext, error) {
 		if errors.Is(err, rados.ErrNotFound) || IsErrno(err, syscall.ENOENT) {
 			return nil, fmt.Errorf("pool %q does not exist: create it (ceph osd pool create %s; rbd pool init %s) or fix the configuration", pool, pool, pool)
 		}
-		if h := Hint(err); h != "" {
-			return nil, fmt.Errorf("opening pool %q: %w (%s)", pool, err, h)
-		}
-		return nil, fmt.Errorf("opening pool %q: %w", pool, err)
+		return nil, fmt.Errorf("opening pool %q: %w", pool, WithHint(err))
 	}
 	return ioctx, nil
 }

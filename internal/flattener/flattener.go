@@ -124,11 +124,7 @@ func Flatten(ctx context.Context, conn *rados.Conn, t Target, progress Progress)
 			return nil
 		}
 	}
-	err = fmt.Errorf("%s: %s: %w", t, stage, errno)
-	if h := cephconn.Hint(err); h != "" {
-		err = fmt.Errorf("%w (%s)", err, h)
-	}
-	return err
+	return cephconn.WithHint(fmt.Errorf("%s: %s: %w", t, stage, errno))
 }
 
 // RepairObjectMap rebuilds t's object map from the objects that exist. A flatten stopped by

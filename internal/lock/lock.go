@@ -135,11 +135,11 @@ func (m *Mutex) Ensure() error {
 		name := SlotImage(m.o.Image, i)
 		_, err = rbd.Create2(ioctx, name, lockImageSize, rbd.FeatureLayering|rbd.FeatureExclusiveLock, 22)
 		if err != nil && !errors.Is(err, rbd.ErrExist) && !cephconn.IsErrno(err, syscall.EEXIST) {
-			return fmt.Errorf("creating lock image %s/%s: %w", m.o.Pool, name, hint(err))
+			return fmt.Errorf("creating lock image %s/%s: %w", m.o.Pool, name, cephconn.WithHint(err))
 		}
-	}
-	if err := m.Check(); err != nil {
-		return err
+		if err := checkImage(ioctx, m.o.Pool, name); err != nil {
+			return err
+		}
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -147,7 +147,7 @@ func (m *Mutex) Ensure() error {
 		h, err := startHandover(m.conn, m.o.Pool, HandoverObject(m.o.Image), m.waitingSinceNow,
 			func() { m.count(func(s *Stats) { s.WakesReceived++ }) })
 		if err != nil {
-			return fmt.Errorf("watching %s/%s: %w", m.o.Pool, HandoverObject(m.o.Image), hint(err))
+			return fmt.Errorf("watching %s/%s: %w", m.o.Pool, HandoverObject(m.o.Image), cephconn.WithHint(err))
 		}
 		m.hand = h
 	}
@@ -174,7 +174,7 @@ func checkImage(ioctx *rados.IOContext, pool, name string) error {
 	spec := pool + "/" + name
 	img, err := rbd.OpenImageReadOnly(ioctx, name, rbd.NoSnapshot)
 	if err != nil {
-		return fmt.Errorf("opening lock image %s: %w", spec, hint(err))
+		return fmt.Errorf("opening lock image %s: %w", spec, cephconn.WithHint(err))
 	}
 	defer img.Close()
 	features, err := img.GetFeatures()
@@ -203,7 +203,7 @@ func checkImage(ioctx *rados.IOContext, pool, name string) error {
 			return 0
 		}})
 	if err != nil {
-		return fmt.Errorf("reading lock image %s: %w", spec, hint(err))
+		return fmt.Errorf("reading lock image %s: %w", spec, cephconn.WithHint(err))
 	}
 	if hasData {
 		return fmt.Errorf("%s: %w: it holds data; point lock.image at a dedicated image", spec, ErrNotLockImage)
@@ -302,8 +302,7 @@ func (m *Mutex) TryLock(ctx context.Context) (*Lease, error) {
 		defer mu.Unlock()
 		if abandoned {
 			if r.err == nil {
-				_ = r.img.LockRelease()
-				_ = r.img.Close()
+				giveBack(r.img)
 			}
 			return
 		}
@@ -327,13 +326,18 @@ func (m *Mutex) TryLock(ctx context.Context) (*Lease, error) {
 		select {
 		case r := <-ch: // it finished just as ctx ended: give the lock back
 			if r.err == nil {
-				_ = r.img.LockRelease()
-				_ = r.img.Close()
+				giveBack(r.img)
 			}
 		default:
 		}
 		return nil, context.Cause(ctx)
 	}
+}
+
+// giveBack releases a lock nobody will use: its TryLock gave up before it was obtained.
+func giveBack(img *rbd.Image) {
+	_ = img.LockRelease()
+	_ = img.Close()
 }
 
 func (m *Mutex) count(f func(*Stats)) {
@@ -374,14 +378,7 @@ func wrapErr(err error) error {
 	if cephconn.IsBlocklisted(err) {
 		return fmt.Errorf("%w: %w (this client was blocklisted)", ErrLost, err)
 	}
-	return hint(err)
-}
-
-func hint(err error) error {
-	if h := cephconn.Hint(err); h != "" {
-		return fmt.Errorf("%w (%s)", err, h)
-	}
-	return err
+	return cephconn.WithHint(err)
 }
 
 // released hands the freed slot to the longest-waiting node, in the background (HandedOver

@@ -43,7 +43,7 @@ func ReadStatus(conn *rados.Conn, pool, image string, slots int) ([]SlotStatus, 
 			continue
 		}
 		if err != nil {
-			return nil, fmt.Errorf("opening lock image %s: %w", st.Image, hint(err))
+			return nil, fmt.Errorf("opening lock image %s: %w", st.Image, cephconn.WithHint(err))
 		}
 		owners, err := img.LockGetOwners()
 		if err == nil && len(owners) > 0 {

@@ -198,7 +198,8 @@ func (s *Scheduler) flattenOne(ctx context.Context, c discovery.Clone) error {
 		}
 		uerr := lease.Unlock()
 		s.log.Debug("lock released", zap.String("lock", lease.Image()), zap.NamedError("unlock_error", uerr))
-		if uerr != nil || cephconn.IsBlocklisted(ferr) || errors.Is(ferr, lock.ErrLost) {
+		lost := errors.Is(uerr, lock.ErrLost) || errors.Is(ferr, lock.ErrLost) || cephconn.IsBlocklisted(ferr)
+		if lost || uerr != nil {
 			// The lock was lost or the connection fenced: never reuse it.
 			s.log.Warn("lock lost, reconnecting", zap.NamedError("lease", uerr), zap.NamedError("flatten", ferr))
 			s.discard()
@@ -208,7 +209,7 @@ func (s *Scheduler) flattenOne(ctx context.Context, c discovery.Clone) error {
 			// Even if the loss shows only now: librbd detaches the parent only after every object
 			// is copied, and a fenced client cannot finish, so a finished flatten is complete.
 			return nil
-		case ctx.Err() == nil && (errors.Is(ferr, lock.ErrLost) || cephconn.IsBlocklisted(ferr) || errors.Is(uerr, lock.ErrLost)):
+		case ctx.Err() == nil && lost:
 			s.unclean[c.Spec()] = true
 			// Losing the lock is not the clone's fault: take it again (on a new connection) and
 			// resume where the copy stopped.
@@ -349,7 +350,7 @@ func (s *Scheduler) Close(ctx context.Context) {
 	conn.Shutdown()
 }
 
-// waitForRelease waits d, or less when a holder announces a release on wake.
+// waitForRelease waits d, or less when a holder grants this node a slot on wake (nil: never).
 func waitForRelease(ctx context.Context, wake <-chan struct{}, d time.Duration) error {
 	t := time.NewTimer(d)
 	defer t.Stop()
@@ -363,16 +364,7 @@ func waitForRelease(ctx context.Context, wake <-chan struct{}, d time.Duration) 
 	}
 }
 
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return context.Cause(ctx)
-	}
-}
+func sleep(ctx context.Context, d time.Duration) error { return waitForRelease(ctx, nil, d) }
 
 // Connect dials and prepares the lock image now, so that a daemon with a Ceph problem fails at
 // start rather than at the first window.

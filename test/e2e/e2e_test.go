@@ -101,13 +101,8 @@ func TestWaitsForHeldLock(t *testing.T) {
 // the exit code says work is left, and the next run completes it.
 func TestTimeoutCancelsAndNextRunResumes(t *testing.T) {
 	conn := cephtest.Connect(t)
-	ioctx := cephtest.IOContext(t, conn)
-	node := cephtest.Name(t, "n")
-	lockImage := cephtest.Name(t, "lock")
-	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 64<<20, 16) // 1024 small objects
-	clone := node + "-c"
-	cephtest.Clone(t, ioctx, p, clone, node)
-	cfg := nodeConfig(t, node, lockImage, "flatten: {concurrent_ops: 1}\n")
+	n := newSlowNode(t, conn, 64) // 1024 small objects
+	ioctx, p, clone, lockImage, cfg := n.ioctx, n.parent, n.clone, n.lockImage, n.conf
 
 	pr := start(t, "once", "--config", cfg)
 	pr.waitFor(t, time.Minute, "progress to 40%", func(e event) bool { return e.Msg == "flatten progress" && e.Percent >= 40 })
@@ -151,14 +146,8 @@ func TestTimeoutCancelsAndNextRunResumes(t *testing.T) {
 // A holder killed with -9 mid-flatten: the next node gets the lock once the dead client's watch
 // times out (breaking and blocklisting it), and the half-flattened clone ends flat and correct.
 func TestKill9HolderIsTakenOver(t *testing.T) {
-	conn := cephtest.Connect(t)
-	ioctx := cephtest.IOContext(t, conn)
-	node := cephtest.Name(t, "n")
-	lockImage := cephtest.Name(t, "lock")
-	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 128<<20, 16)
-	clone := node + "-c"
-	cephtest.Clone(t, ioctx, p, clone, node)
-	cfg := nodeConfig(t, node, lockImage, "flatten: {concurrent_ops: 1}\n")
+	n := newSlowNode(t, cephtest.Connect(t), 128)
+	ioctx, p, clone, cfg := n.ioctx, n.parent, n.clone, n.conf
 
 	a := start(t, "once", "--config", cfg)
 	a.waitFor(t, time.Minute, "progress to 20%", func(e event) bool { return e.Msg == "flatten progress" && e.Percent >= 20 })

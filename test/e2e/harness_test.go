@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ceph/go-ceph/rados"
+
 	"github.com/flattend/flattend/test/cephtest"
 )
 
@@ -70,6 +72,24 @@ func nodeConfig(t *testing.T, node, lockImage, extra string) string {
 		t.Fatal(err)
 	}
 	return p
+}
+
+// slowNode is one node owning one clone of a parent of 64 KiB objects, flattened one object at a
+// time (flatten.concurrent_ops 1): slow enough to act on the flatten while it runs.
+type slowNode struct {
+	ioctx                        *rados.IOContext
+	parent                       cephtest.Parent
+	node, clone, lockImage, conf string
+}
+
+func newSlowNode(t *testing.T, conn *rados.Conn, mib uint64) slowNode {
+	t.Helper()
+	n := slowNode{ioctx: cephtest.IOContext(t, conn), node: cephtest.Name(t, "n"), lockImage: cephtest.Name(t, "lock")}
+	n.parent = cephtest.MakeParent(t, n.ioctx, cephtest.Name(t, "parent"), mib<<20, 16)
+	n.clone = n.node + "-c"
+	cephtest.Clone(t, n.ioctx, n.parent, n.clone, n.node)
+	n.conf = nodeConfig(t, n.node, n.lockImage, "flatten: {concurrent_ops: 1}\n")
+	return n
 }
 
 // proc is a running flattend.

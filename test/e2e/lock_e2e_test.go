@@ -232,14 +232,9 @@ func firstError(evs []event) string {
 
 // flattend status shows, from any node, who holds the lock, on which clone, how far.
 func TestStatusShowsHolder(t *testing.T) {
-	conn := cephtest.Connect(t)
-	ioctx := cephtest.IOContext(t, conn)
-	lockImage := cephtest.Name(t, "lock")
 	// ~8 s of flatten: the record is rewritten with progress every 3 s, and each status run connects.
-	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 128<<20, 16)
-	node := cephtest.Name(t, "n")
-	cephtest.Clone(t, ioctx, p, node+"-c", node)
-	cfg := nodeConfig(t, node, lockImage, "flatten: {concurrent_ops: 1}\n")
+	n := newSlowNode(t, cephtest.Connect(t), 128)
+	node, lockImage, cfg := n.node, n.lockImage, n.conf
 	other := nodeConfig(t, cephtest.Name(t, "observer"), lockImage, "")
 
 	code, out := runCmd(t, 30*time.Second, "status", "--config", other, "--json")

@@ -35,13 +35,7 @@ func TestTwoNodesTakeTurns(t *testing.T) {
 	for _, n := range nodes {
 		procs = append(procs, start(t, "once", "--config", nodeConfig(t, n, lockImage, "")))
 	}
-	var all []event
-	for i, pr := range procs {
-		if code := pr.wait(t, 3*time.Minute); code != 0 {
-			t.Fatalf("node %s exited %d", nodes[i], code)
-		}
-		all = append(all, pr.events(t)...)
-	}
+	all := waitAllOK(t, procs, 3*time.Minute)
 	for c := range owner {
 		cephtest.AssertFlatAndIntact(t, ioctx, p, c)
 	}

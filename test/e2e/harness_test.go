@@ -141,6 +141,19 @@ func (p *proc) wait(t *testing.T, timeout time.Duration) int {
 	return 0
 }
 
+// waitAllOK waits for every process to exit 0 and returns all their events.
+func waitAllOK(t *testing.T, procs []*proc, timeout time.Duration) []event {
+	t.Helper()
+	var all []event
+	for _, pr := range procs {
+		if code := pr.wait(t, timeout); code != 0 {
+			t.Fatalf("%v exited %d", pr.cmd.Args, code)
+		}
+		all = append(all, pr.events(t)...)
+	}
+	return all
+}
+
 // event is one JSON log line.
 type event struct {
 	TS       time.Time `json:"ts"`

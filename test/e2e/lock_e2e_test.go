@@ -34,13 +34,7 @@ func TestThreeNodesHandOver(t *testing.T) {
 	for _, n := range nodes {
 		procs = append(procs, start(t, "once", "--config", nodeConfig(t, n, lockImage, "backoff: {min: 1s, max: 5s}\n")))
 	}
-	var all []event
-	for i, pr := range procs {
-		if code := pr.wait(t, 3*time.Minute); code != 0 {
-			t.Fatalf("node %s exited %d", nodes[i], code)
-		}
-		all = append(all, pr.events(t)...)
-	}
+	all := waitAllOK(t, procs, 3*time.Minute)
 	for _, c := range clones {
 		cephtest.AssertFlatAndIntact(t, ioctx, p, c)
 	}
@@ -94,13 +88,7 @@ func TestTwoSlotsFourNodes(t *testing.T) {
 		}
 		procs = append(procs, start(t, "once", "--config", nodeConfig(t, node, lockImage, "lock: {pool: "+cephtest.Pool+", image: "+lockImage+", slots: 2}\nflatten: {concurrent_ops: 1}\n")))
 	}
-	var all []event
-	for _, pr := range procs {
-		if code := pr.wait(t, 3*time.Minute); code != 0 {
-			t.Fatalf("exit %d", code)
-		}
-		all = append(all, pr.events(t)...)
-	}
+	all := waitAllOK(t, procs, 3*time.Minute)
 	for _, c := range clones {
 		cephtest.AssertFlatAndIntact(t, ioctx, p, c)
 	}

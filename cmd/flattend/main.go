@@ -20,6 +20,7 @@ import (
 	"github.com/flattend/flattend/internal/cephconn"
 	"github.com/flattend/flattend/internal/config"
 	"github.com/flattend/flattend/internal/discovery"
+	"github.com/flattend/flattend/internal/gate"
 	"github.com/flattend/flattend/internal/lock"
 	"github.com/flattend/flattend/internal/scheduler"
 	"github.com/flattend/flattend/internal/status"
@@ -156,7 +157,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return exitCode(err)
 	}
 	log.Info("pass done", zap.Int("discovered", sum.Discovered), zap.Int("flattened", sum.Flattened),
-		zap.Int("failed", len(sum.Failed)), zap.Int("left", sum.Left), zap.NamedError("stopped", context.Cause(ctx)))
+		zap.Int("failed", len(sum.Failed)), zap.Strings("skipped", sum.Skipped), zap.Int("left", sum.Left),
+		zap.String("stopped", sum.Stopped), zap.NamedError("cancelled", context.Cause(ctx)))
 	if !sum.Done() {
 		return exitFailure
 	}
@@ -253,6 +255,15 @@ func schedulerConfig(cfg *config.Config) scheduler.Config {
 		BackoffMax:     cfg.Backoff.Max.D(),
 		RescanInterval: cfg.Discovery.Interval.D(),
 		Lock:           lockOptions(cfg),
+		Gates: gate.Config{Health: cfg.Gates.Health, Recovery: cfg.Gates.Recovery,
+			SpaceFactor: cfg.Gates.SpaceFactor},
+		GateInterval:      cfg.Gates.CheckInterval.D(),
+		MinTimeLeft:       cfg.Flatten.MinTimeLeft.D(),
+		AllowInUse:        cfg.Flatten.InUse == config.InUseAllow,
+		Order:             cfg.Flatten.Order,
+		MaxPerWindow:      cfg.Flatten.MaxPerWindow,
+		MaxBytesPerWindow: uint64(cfg.Flatten.MaxBytesPerWindow),
+		RetryAfter:        cfg.Flatten.RetryAfter.D(),
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -30,6 +31,7 @@ type Config struct {
 	Window    Window    `yaml:"window"`
 	Backoff   Backoff   `yaml:"backoff"`
 	Flatten   Flatten   `yaml:"flatten"`
+	Gates     Gates     `yaml:"gates"`
 	Discovery Discovery `yaml:"discovery"`
 	Log       Log       `yaml:"log"`
 
@@ -68,10 +70,35 @@ type Backoff struct {
 	Max Duration `yaml:"max"`
 }
 
-// Flatten tunes the flatten itself.
+// Flatten tunes the flatten itself, which clones go first and how much one window may do.
 type Flatten struct {
 	// ConcurrentOps is librbd's rbd_concurrent_management_ops: object copy-ups in flight.
 	ConcurrentOps int `yaml:"concurrent_ops"`
+	// MinTimeLeft: no flatten starts when less of the window is left.
+	MinTimeLeft Duration `yaml:"min_time_left"`
+	// InUse is what to do with a clone another client has open (a running VM): skip or allow.
+	InUse string `yaml:"in_use"`
+	// Order lists the sort keys, most important first: depth (deepest chain first), age (oldest
+	// first), size (smallest first).
+	Order []string `yaml:"order"`
+	// MaxPerWindow and MaxBytesPerWindow cap one window's work on this node; 0 = no cap.
+	MaxPerWindow      int  `yaml:"max_per_window"`
+	MaxBytesPerWindow Size `yaml:"max_bytes_per_window"`
+	// RetryAfter is how long a clone whose flatten failed waits before it is tried again; it
+	// doubles with every further failure, up to a day.
+	RetryAfter Duration `yaml:"retry_after"`
+}
+
+// Gates are the safety checks made before each flatten and every CheckInterval during it.
+type Gates struct {
+	// Health: no flatten while HEALTH_ERR or any OSD or pool is full, nearfull or backfillfull.
+	Health bool `yaml:"health"`
+	// Recovery: no flatten while placement groups recover or backfill.
+	Recovery bool `yaml:"recovery"`
+	// SpaceFactor: the pool's MAX AVAIL must exceed the bytes left to copy times this (>= 1; the
+	// space gate cannot be turned off: a full cluster makes a flatten hang).
+	SpaceFactor   float64  `yaml:"space_factor"`
+	CheckInterval Duration `yaml:"check_interval"`
 }
 
 // Discovery lists the sources of the clones this node owns.
@@ -116,6 +143,26 @@ func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 // MarshalYAML writes d back in its string form.
 func (d Duration) MarshalYAML() (any, error) { return time.Duration(d).String(), nil }
 
+// Size is a byte count written as a whole number or with a binary unit: 500GiB, 2TiB, 64MiB.
+type Size uint64
+
+var sizeRE = regexp.MustCompile(`^(\d+)\s*(B|KiB|MiB|GiB|TiB|PiB)?$`)
+
+// UnmarshalYAML parses a size; errors are yaml.TypeErrors, like Duration's.
+func (s *Size) UnmarshalYAML(n *yaml.Node) error {
+	m := sizeRE.FindStringSubmatch(strings.TrimSpace(n.Value))
+	if n.Kind != yaml.ScalarNode || m == nil {
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: %q is not a size (use e.g. 0, 64MiB, 500GiB, 2TiB)", n.Line, n.Value)}}
+	}
+	v, err := strconv.ParseUint(m[1], 10, 64)
+	shift := map[string]uint{"": 0, "B": 0, "KiB": 10, "MiB": 20, "GiB": 30, "TiB": 40, "PiB": 50}[m[2]]
+	if err != nil || v > (1<<63)>>shift {
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: %q is too large", n.Line, n.Value)}}
+	}
+	*s = Size(v << shift)
+	return nil
+}
+
 // Defaults returns the configuration used for every key the file leaves out.
 func Defaults() Config {
 	host, _ := os.Hostname()
@@ -123,16 +170,27 @@ func Defaults() Config {
 		host = host[:i]
 	}
 	return Config{
-		Node:      host,
-		Ceph:      Ceph{Conf: "/etc/ceph/ceph.conf", User: "flattend", ConnectTimeout: Duration(30 * time.Second)},
-		Lock:      Lock{Pool: "rbd", Image: "flattend-lock", Slots: 1, CheckInterval: Duration(2 * time.Second)},
-		Window:    Window{Schedule: "0 1 * * *", Duration: Duration(5 * time.Hour)},
-		Backoff:   Backoff{Min: Duration(2 * time.Second), Max: Duration(2 * time.Minute)},
-		Flatten:   Flatten{ConcurrentOps: 10},
+		Node:    host,
+		Ceph:    Ceph{Conf: "/etc/ceph/ceph.conf", User: "flattend", ConnectTimeout: Duration(30 * time.Second)},
+		Lock:    Lock{Pool: "rbd", Image: "flattend-lock", Slots: 1, CheckInterval: Duration(2 * time.Second)},
+		Window:  Window{Schedule: "0 1 * * *", Duration: Duration(5 * time.Hour)},
+		Backoff: Backoff{Min: Duration(2 * time.Second), Max: Duration(2 * time.Minute)},
+		Flatten: Flatten{ConcurrentOps: 10, MinTimeLeft: Duration(5 * time.Minute), InUse: InUseSkip,
+			Order: []string{"depth", "age", "size"}, RetryAfter: Duration(30 * time.Minute)},
+		Gates:     Gates{Health: true, Recovery: true, SpaceFactor: 2, CheckInterval: Duration(15 * time.Second)},
 		Discovery: Discovery{Interval: Duration(15 * time.Minute)},
 		Log:       Log{Level: "info", Format: "console"},
 	}
 }
+
+// flatten.in_use values.
+const (
+	InUseSkip  = "skip"
+	InUseAllow = "allow"
+)
+
+// OrderKeys are the keys flatten.order accepts.
+var OrderKeys = []string{"depth", "age", "size"}
 
 // Error is a configuration error at a place in a file.
 type Error struct {
@@ -368,6 +426,35 @@ func (c *Config) validate(places map[string]int) Errors {
 	}
 	if c.Flatten.ConcurrentOps < 1 || c.Flatten.ConcurrentOps > 1024 {
 		bad("flatten.concurrent_ops", "%d is out of range 1..1024", c.Flatten.ConcurrentOps)
+	}
+	if c.Flatten.MinTimeLeft < 0 {
+		bad("flatten.min_time_left", "must not be negative, got %s", c.Flatten.MinTimeLeft.D())
+	}
+	if c.Flatten.InUse != InUseSkip && c.Flatten.InUse != InUseAllow {
+		bad("flatten.in_use", "%q: use skip or allow", c.Flatten.InUse)
+	}
+	seenKey := map[string]bool{}
+	for i, k := range c.Flatten.Order {
+		field := fmt.Sprintf("flatten.order[%d]", i)
+		switch {
+		case !slices.Contains(OrderKeys, k):
+			bad(field, "%q: use depth, age or size", k)
+		case seenKey[k]:
+			bad(field, "%q is listed twice", k)
+		}
+		seenKey[k] = true
+	}
+	if c.Flatten.MaxPerWindow < 0 {
+		bad("flatten.max_per_window", "must not be negative, got %d", c.Flatten.MaxPerWindow)
+	}
+	if c.Flatten.RetryAfter <= 0 {
+		bad("flatten.retry_after", "must be positive, got %s", c.Flatten.RetryAfter.D())
+	}
+	if !(c.Gates.SpaceFactor >= 1 && c.Gates.SpaceFactor <= 100) {
+		bad("gates.space_factor", "%g is out of range 1..100 (the space gate cannot be turned off)", c.Gates.SpaceFactor)
+	}
+	if c.Gates.CheckInterval <= 0 {
+		bad("gates.check_interval", "must be positive, got %s", c.Gates.CheckInterval.D())
 	}
 	if len(c.Discovery.Pools) == 0 {
 		bad("discovery.pools", "list at least one pool to look for this node's clones in")

@@ -90,3 +90,29 @@ func TestEveryErrorReported(t *testing.T) {
 		t.Fatalf("want 2 errors, got %v", err)
 	}
 }
+
+func TestFlattenAndGates(t *testing.T) {
+	cfg, err := Parse("c.yaml", []byte("discovery: {pools: [{pool: vms}]}\nflatten:\n  order: [size]\n  max_bytes_per_window: 500GiB\n  in_use: allow\ngates: {space_factor: 1.5, recovery: false}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, g := cfg.Flatten, cfg.Gates
+	if len(f.Order) != 1 || f.Order[0] != "size" || f.MaxBytesPerWindow != 500<<30 || f.InUse != InUseAllow ||
+		f.MinTimeLeft.D() != 5*time.Minute || g.SpaceFactor != 1.5 || g.Recovery || !g.Health {
+		t.Errorf("unexpected values: %+v %+v", f, g)
+	}
+	for _, tc := range []struct{ yaml, want string }{
+		{"flatten:\n  order: [depth, colour]\n", `c.yaml:2: flatten.order[1]: "colour": use depth, age or size`},
+		{"flatten:\n  order: [age, age]\n", `flatten.order[1]: "age" is listed twice`},
+		{"flatten:\n  in_use: sometimes\n", `c.yaml:2: flatten.in_use: "sometimes": use skip or allow`},
+		{"flatten:\n  max_bytes_per_window: 5 gigs\n", `c.yaml:2: flatten.max_bytes_per_window: "5 gigs" is not a size`},
+		{"gates:\n  space_factor: 0\n", `c.yaml:2: gates.space_factor: 0 is out of range 1..100 (the space gate cannot be turned off)`},
+	} {
+		_, err := Parse("c.yaml", []byte("discovery: {pools: [{pool: vms}]}\n"+tc.yaml))
+		// the discovery line shifts every line by one
+		want := strings.Replace(tc.want, "c.yaml:2:", "c.yaml:3:", 1)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: got %v, want %q", tc.yaml, err, want)
+		}
+	}
+}

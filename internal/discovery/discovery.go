@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"sort"
 	"sync"
+	"time"
 
 	"github.com/ceph/go-ceph/rados"
 	"github.com/ceph/go-ceph/rbd"
@@ -22,6 +23,9 @@ type Clone struct {
 	Image     string
 	Parent    string // "pool/image@snap"
 	Size      uint64 // bytes
+	Overlap   uint64 // bytes still shared with the parent: at most what a flatten copies
+	Depth     int    // 1 for a clone of a flat image, 2 for a clone of a clone …
+	Created   time.Time
 	Source    string // which source selected it, e.g. "pool:vms"
 }
 
@@ -103,7 +107,7 @@ func (p PoolOwner) Discover(ctx context.Context, conn *rados.Conn) ([]Clone, err
 		go func() {
 			defer wg.Done()
 			for name := range next {
-				c, ok, err := p.inspect(ioctx, name)
+				c, ok, err := p.inspect(conn, ioctx, name)
 				mu.Lock()
 				switch {
 				case err != nil && firstErr == nil:
@@ -131,7 +135,7 @@ feed:
 	return clones, firstErr
 }
 
-func (p PoolOwner) inspect(ioctx *rados.IOContext, name string) (Clone, bool, error) {
+func (p PoolOwner) inspect(conn *rados.Conn, ioctx *rados.IOContext, name string) (Clone, bool, error) {
 	img, err := rbd.OpenImageReadOnly(ioctx, name, rbd.NoSnapshot)
 	if errors.Is(err, rbd.ErrNotFound) {
 		return Clone{}, false, nil // removed since the listing
@@ -156,15 +160,52 @@ func (p PoolOwner) inspect(ioctx *rados.IOContext, name string) (Clone, bool, er
 	if err != nil {
 		return Clone{}, false, fmt.Errorf("parent of %s/%s: %w", p.Pool, name, err)
 	}
-	size, err := img.GetSize()
-	if err != nil {
+	c := Clone{Pool: p.Pool, Image: name, Parent: parentSpec(parent), Source: p.Name()}
+	if c.Size, err = img.GetSize(); err != nil {
 		return Clone{}, false, fmt.Errorf("size of %s/%s: %w", p.Pool, name, err)
 	}
-	return Clone{
-		Pool:   p.Pool,
-		Image:  name,
-		Parent: parent.Image.PoolName + "/" + parent.Image.ImageName + "@" + parent.Snap.SnapName,
-		Size:   size,
-		Source: p.Name(),
-	}, true, nil
+	if c.Overlap, err = img.GetOverlap(); err != nil {
+		return Clone{}, false, fmt.Errorf("parent overlap of %s/%s: %w", p.Pool, name, err)
+	}
+	if ts, err := img.GetCreateTimestamp(); err == nil {
+		c.Created = time.Unix(ts.Sec, ts.Nsec)
+	}
+	c.Depth = 1 + ancestors(conn, parent)
+	return c, true, nil
+}
+
+func parentSpec(p *rbd.ParentInfo) string {
+	if p.Image.PoolNamespace != "" {
+		return p.Image.PoolName + "/" + p.Image.PoolNamespace + "/" + p.Image.ImageName + "@" + p.Snap.SnapName
+	}
+	return p.Image.PoolName + "/" + p.Image.ImageName + "@" + p.Snap.SnapName
+}
+
+// maxDepth stops a walk up a parent chain that never ends (it cannot in Ceph, but a bound costs nothing).
+const maxDepth = 64
+
+// ancestors counts the images above p in its chain (0 when p itself is flat). A parent that
+// cannot be opened (in the trash, in a pool we cannot read) ends the walk: depth only orders.
+func ancestors(conn *rados.Conn, p *rbd.ParentInfo) int {
+	n := 0
+	for ; n < maxDepth; n++ {
+		pctx, err := conn.OpenIOContext(p.Image.PoolName)
+		if err != nil {
+			return n
+		}
+		pctx.SetNamespace(p.Image.PoolNamespace)
+		img, err := rbd.OpenImageByIdReadOnly(pctx, p.Image.ImageID, rbd.NoSnapshot)
+		if err != nil {
+			pctx.Destroy()
+			return n
+		}
+		next, err := img.GetParent()
+		img.Close()
+		pctx.Destroy()
+		if err != nil {
+			return n
+		}
+		p = next
+	}
+	return n
 }

@@ -167,3 +167,42 @@ func openPool(conn *rados.Conn, t Target) (*rados.IOContext, error) {
 	ioctx.SetNamespace(t.Namespace)
 	return ioctx, nil
 }
+
+// Users lists the other clients that have t open: the owners of its exclusive lock and its
+// watchers (a running VM's qemu is both). Empty means nobody else uses it. If a client holds the
+// lock, librbd would hand our flatten over to it (and our throttle, fencing and cancel would not
+// apply); if it only watches, our flatten would take the lock and stall the client's writes.
+func Users(conn *rados.Conn, t Target) ([]string, error) {
+	ioctx, err := openPool(conn, t)
+	if err != nil {
+		return nil, err
+	}
+	defer ioctx.Destroy()
+	// Read-only opens register no watch, so the list holds only the others.
+	img, err := rbd.OpenImageReadOnly(ioctx, t.Image, rbd.NoSnapshot)
+	if err != nil {
+		if errors.Is(err, rbd.ErrNotFound) {
+			return nil, fmt.Errorf("%s: %w", t, ErrNotFound)
+		}
+		return nil, fmt.Errorf("opening %s: %w", t, err)
+	}
+	defer img.Close()
+	var users []string
+	// The lockers list shows the managed exclusive lock too (rbd_lock_get_owners refuses
+	// read-only images).
+	_, lockers, err := img.ListLockers()
+	if err != nil {
+		return nil, fmt.Errorf("lockers of %s: %w", t, err)
+	}
+	for _, l := range lockers {
+		users = append(users, "lock owner "+l.Client+" at "+l.Addr)
+	}
+	watchers, err := img.ListWatchers()
+	if err != nil {
+		return nil, fmt.Errorf("watchers of %s: %w", t, err)
+	}
+	for _, w := range watchers {
+		users = append(users, "watcher "+w.Addr)
+	}
+	return users, nil
+}

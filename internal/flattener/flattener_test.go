@@ -116,3 +116,34 @@ func TestFlattenMissingImage(t *testing.T) {
 	}
 	t.Logf("missing pool: %v", err)
 }
+
+// Users sees another client that has the clone open (a VM's qemu) and nobody otherwise.
+func TestUsers(t *testing.T) {
+	conn := dial(t, 10)
+	ioctx := cephtest.IOContext(t, conn)
+	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 4<<20, 22)
+	clone := cephtest.Name(t, "clone")
+	cephtest.Clone(t, ioctx, p, clone, "")
+	target := flattener.Target{Pool: cephtest.Pool, Image: clone}
+	if users, err := flattener.Users(conn, target); err != nil || len(users) != 0 {
+		t.Fatalf("unused clone: Users = %v, %v; want none", users, err)
+	}
+
+	other := cephtest.Connect(t) // another client, standing in for qemu
+	release := cephtest.HoldLock(t, cephtest.IOContext(t, other), clone)
+	users, err := flattener.Users(conn, target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	joined := strings.Join(users, ", ")
+	if !strings.Contains(joined, "lock owner") || !strings.Contains(joined, "watcher") {
+		t.Errorf("clone held by another client: Users = %q, want its lock owner and watcher", joined)
+	}
+	release()
+	if users, err := flattener.Users(conn, target); err != nil || len(users) != 0 {
+		t.Errorf("after the other client closed it: Users = %v, %v; want none", users, err)
+	}
+	if _, err := flattener.Users(conn, flattener.Target{Pool: cephtest.Pool, Image: "no-such-image"}); !errors.Is(err, flattener.ErrNotFound) {
+		t.Errorf("missing image: err = %v, want ErrNotFound", err)
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -16,11 +17,19 @@ import (
 	"github.com/flattend/flattend/internal/cephconn"
 	"github.com/flattend/flattend/internal/discovery"
 	"github.com/flattend/flattend/internal/flattener"
+	"github.com/flattend/flattend/internal/gate"
 	"github.com/flattend/flattend/internal/lock"
 )
 
 // ErrWindowClosed is the cause of cancellation when the night window ends.
 var ErrWindowClosed = errors.New("the flatten window closed")
+
+// errTooLate stops a pass when the window has too little time left for a flatten to be worth
+// its start.
+var errTooLate = errors.New("too little of the window left to start a flatten")
+
+// errInUse skips a clone another client has open, under flatten.in_use: skip.
+var errInUse = errors.New("in use by another client")
 
 // Config is what the scheduler needs, already validated.
 type Config struct {
@@ -30,6 +39,37 @@ type Config struct {
 	BackoffMax     time.Duration
 	RescanInterval time.Duration // discovery again, inside an open window, after a pass
 	Lock           lock.Options
+
+	Gates        gate.Config
+	GateInterval time.Duration // how often the gates are asked again during a flatten
+	// MinTimeLeft: no flatten starts with less of the window left.
+	MinTimeLeft time.Duration
+	// AllowInUse flattens clones another client has open (librbd then proxies the flatten to
+	// that client); false skips them.
+	AllowInUse bool
+	Order      []string // sort keys, see Order
+	// MaxPerWindow and MaxBytesPerWindow cap one window's flattens on this node (0: no cap).
+	MaxPerWindow      int
+	MaxBytesPerWindow uint64
+	// RetryAfter is how long a failed clone waits before its next try, doubled per failure.
+	RetryAfter time.Duration
+}
+
+// maxRetryAfter caps the doubling of Config.RetryAfter.
+const maxRetryAfter = 24 * time.Hour
+
+// retry remembers a clone that failed, so it waits instead of failing every pass.
+type retry struct {
+	failures int
+	next     time.Time
+}
+
+// budget is what one window has used so far on this node.
+type budget struct {
+	end     time.Time // zero for `once`: no window
+	clones  int
+	bytes   uint64
+	stopped bool // logged that a cap was reached
 }
 
 // Dialer makes a fresh RADOS connection.
@@ -48,23 +88,32 @@ type Scheduler struct {
 	// unclean lists clones whose flatten this process lost mid-way: their object map must be
 	// rebuilt before they are resumed.
 	unclean map[string]bool
+	retries map[string]retry
+	window  budget
 }
 
 // New returns a scheduler. Call Close when done.
 func New(cfg Config, dial Dialer, sources []discovery.Source, log *zap.Logger) *Scheduler {
-	return &Scheduler{cfg: cfg, dial: dial, sources: sources, log: log.With(zap.String("node", cfg.Node)), unclean: map[string]bool{}}
+	return &Scheduler{cfg: cfg, dial: dial, sources: sources, log: log.With(zap.String("node", cfg.Node)),
+		unclean: map[string]bool{}, retries: map[string]retry{}}
 }
 
 // Summary counts what a pass did.
 type Summary struct {
 	Discovered int      `json:"discovered"`
 	Flattened  int      `json:"flattened"`
-	Failed     []string `json:"failed"` // "pool/image: error"
-	Left       int      `json:"left"`   // not reached or cancelled
+	Failed     []string `json:"failed"`  // "pool/image: error"
+	Skipped    []string `json:"skipped"` // "pool/image: reason" (in use, waiting to retry, over budget)
+	Left       int      `json:"left"`    // not reached or cancelled
+	// Stopped says why the pass ended early: a closed safety gate, the window's end near, a
+	// budget reached. Empty when it went through every clone.
+	Stopped string `json:"stopped,omitempty"`
+	// GateClosed is set when the pass stopped on a closed gate: worth another try soon.
+	GateClosed bool `json:"-"`
 }
 
 // Done reports whether every discovered clone is flat now.
-func (s Summary) Done() bool { return len(s.Failed) == 0 && s.Left == 0 }
+func (s Summary) Done() bool { return len(s.Failed) == 0 && len(s.Skipped) == 0 && s.Left == 0 }
 
 // Run works in every window until ctx ends; a daemon started inside a window works in what is
 // left of it. It returns nil when ctx ends.
@@ -84,6 +133,7 @@ func (s *Scheduler) Run(ctx context.Context) error {
 			continue
 		}
 		s.log.Info("window open", zap.Time("until", end))
+		s.window = budget{end: end}
 		wctx, cancel := context.WithDeadlineCause(ctx, end, ErrWindowClosed)
 		s.workWindow(wctx)
 		cancel()
@@ -102,10 +152,14 @@ func (s *Scheduler) workWindow(ctx context.Context) {
 			return
 		}
 		wait := s.cfg.RescanInterval
-		if err != nil {
+		switch {
+		case err != nil:
 			s.log.Error("pass failed", zap.Error(err))
 			wait = min(wait, retry.Next())
-		} else {
+		case sum.GateClosed:
+			wait = min(wait, retry.Next())
+			s.log.Info("pass stopped", zap.String("reason", sum.Stopped), zap.Duration("next_pass_in", wait))
+		default:
 			retry.Reset()
 			s.log.Info("pass done", zap.Int("discovered", sum.Discovered), zap.Int("flattened", sum.Flattened),
 				zap.Int("failed", len(sum.Failed)), zap.Duration("next_pass_in", wait))
@@ -131,20 +185,57 @@ func (s *Scheduler) Pass(ctx context.Context) (Summary, error) {
 	}
 	sum.Discovered = len(clones)
 	s.log.Info("discovered clones", zap.Int("count", len(clones)), zap.Duration("took", time.Since(start)))
+	Order(clones, s.cfg.Order)
 	for i, c := range clones {
 		if ctx.Err() != nil {
 			sum.Left += len(clones) - i
 			break
 		}
+		if reason := s.stopReason(); reason != "" {
+			sum.Left += len(clones) - i
+			sum.Stopped = reason
+			break
+		}
+		if skip := s.skipReason(c); skip != "" {
+			sum.Skipped = append(sum.Skipped, c.Spec()+": "+skip)
+			continue
+		}
 		err := s.flattenOne(ctx, c)
+		var closed *gate.Closed
 		switch {
 		case err == nil:
 			sum.Flattened++
+			s.window.clones++
+			s.window.bytes += c.Overlap
+			delete(s.retries, c.Spec())
+		case errors.As(err, &closed) && closed.Gate == "space":
+			// Only this clone's pool is short of room: smaller clones or other pools may fit.
+			s.log.Warn("safety gate closed, clone left for later", zap.String("image", c.Spec()), zap.Error(err))
+			sum.Skipped = append(sum.Skipped, c.Spec()+": "+err.Error())
+		case errors.Is(err, gate.ErrClosed):
+			s.log.Warn("safety gate closed, pass stopped", zap.String("image", c.Spec()), zap.Error(err))
+			sum.Left += len(clones) - i
+			sum.Stopped, sum.GateClosed = err.Error(), true
+		case errors.Is(err, errTooLate):
+			sum.Left += len(clones) - i
+			sum.Stopped = err.Error()
+		case errors.Is(err, errInUse):
+			s.log.Info("clone in use, skipped (flatten.in_use: skip)", zap.String("image", c.Spec()), zap.Error(err))
+			sum.Skipped = append(sum.Skipped, c.Spec()+": "+err.Error())
 		case ctx.Err() != nil:
 			sum.Left++
 		default:
-			s.log.Error("flatten failed", zap.String("image", c.Spec()), zap.Error(err))
+			r := s.retries[c.Spec()]
+			r.failures++
+			wait := min(s.cfg.RetryAfter<<min(r.failures-1, 16), maxRetryAfter)
+			r.next = time.Now().Add(wait)
+			s.retries[c.Spec()] = r
+			s.log.Error("flatten failed", zap.String("image", c.Spec()), zap.Int("failures", r.failures),
+				zap.Duration("retry_in", wait), zap.Error(err))
 			sum.Failed = append(sum.Failed, c.Spec()+": "+err.Error())
+		}
+		if sum.Stopped != "" {
+			break
 		}
 	}
 	if s.mutex != nil {
@@ -153,14 +244,56 @@ func (s *Scheduler) Pass(ctx context.Context) (Summary, error) {
 	return sum, nil
 }
 
+// stopReason says why no further flatten may start in this window: a cap reached, or too little
+// of the window left (a flatten cancelled moments after its start would cost a lock round and
+// a connection for little copying; it resumes next window anyway). Empty means go on.
+func (s *Scheduler) stopReason() string {
+	var reason string
+	switch {
+	case s.cfg.MaxPerWindow > 0 && s.window.clones >= s.cfg.MaxPerWindow:
+		reason = fmt.Sprintf("flatten.max_per_window (%d) reached", s.cfg.MaxPerWindow)
+	case s.cfg.MaxBytesPerWindow > 0 && s.window.bytes >= s.cfg.MaxBytesPerWindow:
+		reason = fmt.Sprintf("flatten.max_bytes_per_window (%s) reached", gate.Bytes(s.cfg.MaxBytesPerWindow))
+	case !s.window.end.IsZero() && time.Until(s.window.end) < s.cfg.MinTimeLeft:
+		reason = fmt.Sprintf("%s: %s left, flatten.min_time_left is %s", errTooLate,
+			time.Until(s.window.end).Round(time.Second), s.cfg.MinTimeLeft)
+	}
+	if reason != "" && !s.window.stopped {
+		s.window.stopped = true
+		s.log.Info("no more flattens in this window", zap.String("reason", reason))
+	}
+	return reason
+}
+
+// skipReason says why c is not tried in this pass: it failed recently, or it alone would take
+// the window over its byte budget. Empty means try it.
+func (s *Scheduler) skipReason(c discovery.Clone) string {
+	if r, ok := s.retries[c.Spec()]; ok && time.Now().Before(r.next) {
+		return fmt.Sprintf("failed %d time(s), next try after %s", r.failures, r.next.Format(time.RFC3339))
+	}
+	if max := s.cfg.MaxBytesPerWindow; max > 0 && s.window.bytes+c.Overlap > max {
+		return fmt.Sprintf("%s to copy would exceed flatten.max_bytes_per_window (%s used of %s)",
+			gate.Bytes(c.Overlap), gate.Bytes(s.window.bytes), gate.Bytes(max))
+	}
+	return ""
+}
+
 // flattenOne takes the lock (backing off while it is busy), flattens c under it and releases it.
 func (s *Scheduler) flattenOne(ctx context.Context, c discovery.Clone) error {
 	bo := Backoff{Min: s.cfg.BackoffMin, Max: s.cfg.BackoffMax}
 	waitStart := time.Now()
+	checked := false
 	for {
 		conn, mutex, err := s.session()
 		if err != nil {
 			return err
+		}
+		if !checked {
+			// No point queueing for the lock behind a closed gate.
+			if err := gate.Check(conn, s.cfg.Gates, c.Pool, c.Overlap); err != nil {
+				return err
+			}
+			checked = true
 		}
 		if mutex.HandedOver(ctx) {
 			// Our last release went to a node that was waiting: wait our turn like everyone.
@@ -271,8 +404,31 @@ func (s *Scheduler) flattenUnder(ctx context.Context, conn *rados.Conn, lease *l
 		log.Info("already flat")
 		return nil
 	}
+	if !s.window.end.IsZero() && time.Until(s.window.end) < s.cfg.MinTimeLeft {
+		return errTooLate // the wait for the lock took the window's rest
+	}
+	users, err := flattener.Users(conn, t)
+	switch {
+	case err != nil:
+		return err
+	case len(users) > 0 && !s.cfg.AllowInUse:
+		return fmt.Errorf("%w: %s", errInUse, strings.Join(users, ", "))
+	case len(users) > 0:
+		log.Warn("clone in use: librbd may hand the flatten to that client, beyond our throttle and cancel (flatten.in_use: allow)",
+			zap.Strings("users", users))
+	}
+	if err := gate.Check(conn, s.cfg.Gates, t.Pool, info.Overlap); err != nil {
+		return err
+	}
 
-	fctx, cancel := lease.Context(ctx)
+	var done, total atomic.Uint64
+	total.Store(1)
+	gctx, stopGates := gate.Watch(ctx, conn, s.cfg.Gates, t.Pool, s.cfg.GateInterval, func() uint64 {
+		d, n := done.Load(), total.Load()
+		return info.Overlap / max(n, 1) * (n - min(d, n))
+	})
+	defer stopGates()
+	fctx, cancel := lease.Context(gctx)
 	defer cancel()
 	if err := lease.Working(t.String()); err != nil {
 		return err
@@ -280,14 +436,16 @@ func (s *Scheduler) flattenUnder(ctx context.Context, conn *rados.Conn, lease *l
 	log.Info("flatten started", zap.String("parent", info.Parent), zap.Uint64("bytes", info.Overlap), zap.String("lock", lease.Image()))
 	start := time.Now()
 	var decile atomic.Int64
-	err = flattener.Flatten(fctx, conn, t, func(done, total uint64) {
-		lease.Progress(done, total)
-		if total == 0 {
+	err = flattener.Flatten(fctx, conn, t, func(objDone, objTotal uint64) {
+		lease.Progress(objDone, objTotal)
+		if objTotal == 0 {
 			return
 		}
-		d := int64(done * 10 / total)
+		done.Store(objDone)
+		total.Store(objTotal)
+		d := int64(objDone * 10 / objTotal)
 		if old := decile.Load(); d > old && d < 10 && decile.CompareAndSwap(old, d) {
-			log.Info("flatten progress", zap.Int64("percent", d*10), zap.Uint64("objects_done", done), zap.Uint64("objects", total))
+			log.Info("flatten progress", zap.Int64("percent", d*10), zap.Uint64("objects_done", objDone), zap.Uint64("objects", objTotal))
 		}
 	})
 	result := "flat"
@@ -297,6 +455,8 @@ func (s *Scheduler) flattenUnder(ctx context.Context, conn *rados.Conn, lease *l
 		result = "cancelled"
 		if lerr := lease.Err(); lerr != nil {
 			err = lerr // the lease's loss is the story
+		} else if gerr := context.Cause(gctx); errors.Is(gerr, gate.ErrClosed) {
+			result, err = "aborted by a safety gate", gerr
 		}
 	default:
 		result = "failed"

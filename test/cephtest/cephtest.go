@@ -166,14 +166,31 @@ func MakeParent(t testing.TB, ioctx *rados.IOContext, name string, size uint64, 
 // Clone makes name a clone of p and, if owner is not empty, tags it flattend.owner=owner.
 func Clone(t testing.TB, ioctx *rados.IOContext, p Parent, name, owner string) {
 	t.Helper()
+	CloneTo(t, ioctx, p, ioctx, name, owner)
+}
+
+// CloneTo is Clone into another pool: p lives in pioctx's pool, the clone in cioctx's.
+func CloneTo(t testing.TB, pioctx *rados.IOContext, p Parent, cioctx *rados.IOContext, name, owner string) {
+	t.Helper()
 	opts := rbd.NewRbdImageOptions()
 	defer opts.Destroy()
-	if err := rbd.CloneImage(ioctx, p.Name, p.Snap, ioctx, name, opts); err != nil {
+	if err := rbd.CloneImage(pioctx, p.Name, p.Snap, cioctx, name, opts); err != nil {
 		t.Fatalf("clone %s@%s to %s: %v", p.Name, p.Snap, name, err)
 	}
 	if owner != "" {
-		SetMeta(t, ioctx, name, "flattend.owner", owner)
+		SetMeta(t, cioctx, name, "flattend.owner", owner)
 	}
+}
+
+// PoolIOContext opens an I/O context on another pool, closed when the test ends.
+func PoolIOContext(t testing.TB, conn *rados.Conn, pool string) *rados.IOContext {
+	t.Helper()
+	ioctx, err := conn.OpenIOContext(pool)
+	if err != nil {
+		t.Fatalf("open pool %s: %v", pool, err)
+	}
+	t.Cleanup(ioctx.Destroy)
+	return ioctx
 }
 
 // SetMeta sets image-meta key=value on name.

@@ -299,3 +299,16 @@ func runCmd(t *testing.T, timeout time.Duration, args ...string) (int, string) {
 	}
 	return 0, out.String()
 }
+
+// waitHealth polls `ceph health detail` until ok accepts its JSON, failing after a minute.
+func waitHealth(t *testing.T, conn *rados.Conn, ok func(health string) bool) {
+	t.Helper()
+	var h string
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
+		h = string(cephtest.MonCommand(t, conn, map[string]any{"prefix": "health", "detail": "detail", "format": "json"}))
+		if ok(h) {
+			return
+		}
+	}
+	t.Fatalf("cluster health did not change as expected within a minute: %s", h)
+}

@@ -1,0 +1,59 @@
+package gate
+
+import (
+	"encoding/json"
+	"errors"
+	"strings"
+	"testing"
+)
+
+// Replies as Ceph 16 prints them, trimmed.
+func TestHealthReply(t *testing.T) {
+	for _, tc := range []struct{ reply, want string }{
+		{`{"status":"HEALTH_OK","checks":{}}`, ""},
+		{`{"status":"HEALTH_WARN","checks":{"OSDMAP_FLAGS":{"severity":"HEALTH_WARN","summary":{"message":"noout flag(s) set"}}}}`, ""},
+		{`{"status":"HEALTH_WARN","checks":{"OSD_NEARFULL":{"severity":"HEALTH_WARN","summary":{"message":"1 nearfull osd(s)"}}}}`, "health gate closed: OSD_NEARFULL: 1 nearfull osd(s)"},
+		{`{"status":"HEALTH_ERR","checks":{"MON_DOWN":{"severity":"HEALTH_ERR","summary":{"message":"no quorum"}}}}`, "health gate closed: MON_DOWN: no quorum"},
+		{`{"status":"HEALTH_ERR","checks":{}}`, "health gate closed: cluster is HEALTH_ERR"},
+		{`{"status":"HEALTH_WARN","checks":{"POOL_FULL":{"severity":"HEALTH_WARN","summary":{"message":"1 pool(s) full"},"detail":[{"message":"pool 'other' is full (running out of quota)"}]}}}`, ""},
+		{`{"status":"HEALTH_WARN","checks":{"POOL_FULL":{"severity":"HEALTH_WARN","summary":{"message":"1 pool(s) full"},"detail":[{"message":"pool 'vms' is full (running out of quota)"}]}}}`, "health gate closed: POOL_FULL: pool 'vms' is full (running out of quota)"},
+	} {
+		var h healthReply
+		if err := json.Unmarshal([]byte(tc.reply), &h); err != nil {
+			t.Fatal(err)
+		}
+		check(t, tc.reply, h.closed("vms"), tc.want)
+	}
+}
+
+func TestPGStatReply(t *testing.T) {
+	for _, tc := range []struct{ reply, want string }{
+		{`{"pg_summary":{"num_pg_by_state":[{"name":"active+clean","num":16}]}}`, ""},
+		{`{"pg_summary":{"num_pg_by_state":[{"name":"active+clean","num":12},{"name":"active+recovering+degraded","num":3},{"name":"active+remapped+backfill_wait","num":1}]}}`,
+			"recovery gate closed: 3 pgs active+recovering+degraded, 1 pgs active+remapped+backfill_wait"},
+		{`{"pg_summary":{"num_pg_by_state":[{"name":"active+clean+scrubbing+deep","num":2}]}}`, ""},
+	} {
+		var p pgStatReply
+		if err := json.Unmarshal([]byte(tc.reply), &p); err != nil {
+			t.Fatal(err)
+		}
+		check(t, tc.reply, p.closed(), tc.want)
+	}
+}
+
+func check(t *testing.T, reply string, err error, want string) {
+	t.Helper()
+	switch {
+	case want == "" && err != nil:
+		t.Errorf("%s: closed (%v), want open", reply, err)
+	case want != "" && (err == nil || err.Error() != want || !errors.Is(err, ErrClosed)):
+		t.Errorf("%s:\n got %v\nwant %s", reply, err, want)
+	}
+}
+
+func TestBytes(t *testing.T) {
+	got := strings.Join([]string{Bytes(512), Bytes(64 << 20), Bytes(3 << 29)}, ", ")
+	if got != "512 B, 64.0 MiB, 1.5 GiB" {
+		t.Errorf("Bytes = %s", got)
+	}
+}

@@ -1,0 +1,159 @@
+package e2e
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/flattend/flattend/test/cephtest"
+)
+
+// A clone another client has open (standing in for a running VM's qemu) is skipped under the
+// default flatten.in_use: skip, and `once` says so and exits 1; with in_use: allow it is flattened.
+func TestInUseCloneSkipped(t *testing.T) {
+	conn := cephtest.Connect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 8<<20, 22)
+	node := cephtest.Name(t, "n")
+	busy, free := node+"-busy", node+"-free"
+	cephtest.Clone(t, ioctx, p, busy, node)
+	cephtest.Clone(t, ioctx, p, free, node)
+	qemu := cephtest.Connect(t)
+	release := cephtest.HoldLock(t, cephtest.IOContext(t, qemu), busy)
+
+	lockImage := cephtest.Name(t, "lock")
+	code, out := runCmd(t, time.Minute, "once", "--config", nodeConfig(t, node, lockImage, ""))
+	if code != 1 || !strings.Contains(out, "clone in use, skipped") || !strings.Contains(out, "lock owner client.") {
+		t.Errorf("once with a clone in use: exit %d, want 1 and the skip explained:\n%s", code, out)
+	}
+	if !cephtest.IsClone(t, ioctx, busy) {
+		t.Error("the clone in use was flattened")
+	}
+	cephtest.AssertFlatAndIntact(t, ioctx, p, free)
+
+	release()
+	code, out = runCmd(t, time.Minute, "once", "--config", nodeConfig(t, node, lockImage, ""))
+	if code != 0 {
+		t.Fatalf("once after the other client closed the clone: exit %d\n%s", code, out)
+	}
+	cephtest.AssertFlatAndIntact(t, ioctx, p, busy)
+}
+
+// The space gate refuses a clone whose pool has too little room for it, before anything is
+// copied, and `once` exits 1 with the reason; with room again the same clone is flattened. The
+// room is a byte quota on a pool of the test's own (the parent lives in the shared test pool:
+// a parent in another pool is an edge case worth covering too).
+func TestSpaceGateRefuses(t *testing.T) {
+	conn := cephtest.Connect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 32<<20, 22)
+	pool := cephtest.Name(t, "pool")
+	cephtest.EnsurePool(t, conn, pool)
+	pctx := cephtest.PoolIOContext(t, conn, pool)
+	node := cephtest.Name(t, "n")
+	clone := node + "-c"
+	cephtest.CloneTo(t, ioctx, p, pctx, clone, node)
+	quota := func(bytes int) {
+		cephtest.MonCommand(t, conn, map[string]any{"prefix": "osd pool set-quota", "pool": pool, "field": "max_bytes", "val": fmt.Sprint(bytes)})
+	}
+	quota(60 << 20) // < 32 MiB × the default space_factor 2
+
+	conf := nodeConfig(t, node, cephtest.Name(t, "lock"), fmt.Sprintf("discovery: {pools: [{pool: %s}]}\n", pool))
+	code, out := runCmd(t, time.Minute, "once", "--config", conf)
+	if code != 1 || !strings.Contains(out, "space gate closed: pool "+pool+" has 60.0 MiB available, the flatten needs 32.0 MiB × 2") {
+		t.Errorf("once on a pool without room: exit %d, want 1 and the space gate's reason:\n%s", code, out)
+	}
+	if strings.Contains(out, "flatten started") {
+		t.Error("a flatten started behind a closed gate")
+	}
+	if !cephtest.IsClone(t, pctx, clone) {
+		t.Fatal("flattened although the gate was closed")
+	}
+
+	quota(0) // no quota
+	if code, out := runCmd(t, time.Minute, "once", "--config", conf); code != 0 {
+		t.Fatalf("once with room: exit %d\n%s", code, out)
+	}
+	cephtest.AssertFlatAndIntact(t, pctx, p, clone)
+}
+
+// A gate that closes while a flatten runs aborts it within a check interval, logs why, keeps what
+// was copied, and the next run finishes the clone. The health gate is closed for real: lowering
+// the nearfull ratio below the OSD's use raises OSD_NEARFULL (harmless to the other tests: no
+// flatten of theirs runs at the same time and nearfull blocks no I/O).
+func TestHealthGateAbortsRunningFlatten(t *testing.T) {
+	conn := cephtest.Connect(t)
+	n := newSlowNode(t, conn, 128)
+	conf := nodeConfig(t, n.node, n.lockImage, "flatten: {concurrent_ops: 1}\ngates: {check_interval: 1s}\n")
+	pr := start(t, "once", "--config", conf)
+	pr.waitFor(t, time.Minute, "flatten progress", func(e event) bool { return e.Msg == "flatten progress" })
+
+	ratio := func(r float64) {
+		cephtest.MonCommand(t, conn, map[string]any{"prefix": "osd set-nearfull-ratio", "ratio": r})
+	}
+	restored := false
+	restore := func() {
+		if !restored {
+			restored = true
+			ratio(0.85)
+			waitHealth(t, conn, func(h string) bool { return !strings.Contains(h, "OSD_NEARFULL") })
+		}
+	}
+	t.Cleanup(restore)
+	ratio(0.00001)
+	aborted := time.Now()
+	if code := pr.wait(t, time.Minute); code != 1 {
+		t.Errorf("once whose flatten a gate aborted: exit %d, want 1", code)
+	}
+	fin := pr.waitFor(t, time.Second, "flatten finished", func(e event) bool { return e.Msg == "flatten finished" })
+	if fin.Result != "aborted by a safety gate" || !strings.Contains(fin.Error, "health gate closed: OSD_NEARFULL") {
+		t.Errorf("flatten finished: result %q, error %q; want aborted by the health gate", fin.Result, fin.Error)
+	}
+	t.Logf("aborted %s after the nearfull ratio was lowered", fin.TS.Sub(aborted).Round(time.Millisecond))
+	if !cephtest.IsClone(t, n.ioctx, n.clone) {
+		t.Fatal("the clone was detached although its flatten was aborted")
+	}
+
+	restore()
+	if code, out := runCmd(t, 2*time.Minute, "once", "--config", conf); code != 0 {
+		t.Fatalf("once after the gate opened: exit %d\n%s", code, out)
+	}
+	cephtest.AssertFlatAndIntact(t, n.ioctx, n.parent, n.clone)
+}
+
+// The window's end cancels the running flatten (it resumes in a later run), and a flatten does not
+// start when less than flatten.min_time_left of the window is left.
+func TestWindowEnd(t *testing.T) {
+	conn := cephtest.Connect(t)
+	now := time.Now()
+	opened := now.Truncate(time.Minute)
+	window := func(left time.Duration) string {
+		return fmt.Sprintf("window: {schedule: \"%d %d * * *\", duration: %s}\n", opened.Minute(), opened.Hour(),
+			now.Sub(opened)+left)
+	}
+
+	late := newSlowNode(t, conn, 16)
+	lateRun := start(t, "run", "--config", nodeConfig(t, late.node, late.lockImage, window(40*time.Second)+"flatten: {min_time_left: 1m}\n"))
+	ending := newSlowNode(t, conn, 256) // far more than 15 s of copying
+	endingRun := start(t, "run", "--config", nodeConfig(t, ending.node, ending.lockImage, window(15*time.Second)+"flatten: {concurrent_ops: 1, min_time_left: 5s}\n"))
+
+	lateRun.waitFor(t, 30*time.Second, "refusal to start", func(e event) bool { return e.Msg == "no more flattens in this window" })
+	endingRun.waitFor(t, time.Minute, "the window's end", func(e event) bool { return e.Msg == "window ended" })
+	fin := endingRun.waitFor(t, time.Second, "flatten finished", func(e event) bool { return e.Msg == "flatten finished" })
+	if fin.Result != "cancelled" || !strings.Contains(fin.Error, "the flatten window closed") {
+		t.Errorf("flatten at the window's end: result %q, error %q; want cancelled by the window", fin.Result, fin.Error)
+	}
+	if count(lateRun.events(t), "flatten started") != 0 {
+		t.Error("a flatten started with less than min_time_left of the window left")
+	}
+	for _, n := range []slowNode{late, ending} {
+		if !cephtest.IsClone(t, n.ioctx, n.clone) {
+			t.Errorf("%s flattened although the window did not allow it", n.clone)
+		}
+	}
+	if code, out := runCmd(t, 3*time.Minute, "once", "--config", ending.conf); code != 0 {
+		t.Fatalf("resuming once: exit %d\n%s", code, out)
+	}
+	cephtest.AssertFlatAndIntact(t, ending.ioctx, ending.parent, ending.clone)
+}

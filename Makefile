@@ -22,13 +22,16 @@ build: deps
 bin/flattend: $(shell find cmd internal -name '*.go') go.mod go.sum
 	$(GO) build $(GOFLAGS_TAGS) -o $@ ./cmd/flattend
 
-test: build ## the whole suite, unit and integration, against a throwaway local Ceph cluster
+test: build ## the whole suite, unit and integration, against throwaway local Ceph clusters
 	bash test/run.sh $(GO) test $(GOFLAGS_TAGS) -count=1 -timeout 40m ./...
+	@echo "== again on a cephx cluster, flattend with its least-privilege key (mon/osd 'profile rbd')"
+	FLATTEND_TEST_AUTH=cephx bash test/run.sh $(GO) test $(GOFLAGS_TAGS) -count=1 -timeout 40m ./internal/... ./test/...
 
 unit: ## pure-logic tests only (no cluster)
 	$(GO) test $(GOFLAGS_TAGS) -count=1 ./internal/config ./internal/scheduler
 
-lint: deps
+lint: build
+	bash test/verify-unit.sh
 	test -z "$$(gofmt -l cmd internal test bench 2>/dev/null)" || { gofmt -l cmd internal test bench; exit 1; }
 	$(GO) vet $(GOFLAGS_TAGS) ./...
 	$(GO) tool staticcheck $(GOFLAGS_TAGS) ./...

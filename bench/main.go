@@ -51,6 +51,8 @@ func main() {
 	pairs := flag.Int("pairs", 6, "twin-clone pairs (alternating order)")
 	bin := flag.String("flattend", "bin/flattend", "flattend binary")
 	out := flag.String("out", "bench/results", "directory for the JSON results")
+	discImages := flag.Int("discovery-images", 2000, "images in the discovery bench's pool (0: skip it)")
+	discOnly := flag.Bool("discovery-only", false, "run only the discovery bench (bench/discovery.go)")
 	flag.Parse()
 	conf := os.Getenv("CEPH_CONF")
 	if conf == "" {
@@ -61,6 +63,12 @@ func main() {
 	check(conn.ReadConfigFile(conf))
 	check(conn.Connect())
 	defer conn.Shutdown()
+	if *discImages > 0 {
+		benchDiscovery(conn, *discImages, *discImages*3/20, 5, *out)
+	}
+	if *discOnly {
+		return
+	}
 	cmd, _ := json.Marshal(map[string]any{"prefix": "osd pool create", "pool": pool, "pg_num": 8})
 	if _, s, err := conn.MonCommand(cmd); err != nil {
 		fail("creating pool: %v %s", err, s)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Starts and stops a throwaway single-node Ceph cluster (mon + mgr + one memstore OSD) on loopback.
 #
-#   test/cluster.sh start DIR [--auth none|cephx] [--memstore-gib N] [--watch-timeout S]
-#       prints `export NAME=value` lines for CEPH_CONF, CEPH_KEYRING (cephx) and FLATTEND_TEST_*
+#   test/cluster.sh start DIR [--auth none|cephx] [--memstore-gib N] [--watch-timeout S] [--addr IP]
+#       prints `export NAME=value` lines for CEPH_CONF, CEPH_KEYRING (cephx) and FLATTEND_TEST_*;
+#       with cephx also a least-privilege client.flattend key (FLATTEND_TEST_CEPH_USER/_KEYRING)
 #   test/cluster.sh stop DIR
 #   test/cluster.sh deps       install Debian's packages when missing
 #
@@ -11,7 +12,7 @@
 # or a real cluster. Only the PIDs recorded under DIR are ever killed.
 set -euo pipefail
 
-PKGS=(ceph-mon ceph-osd ceph-mgr ceph-common librbd-dev librados-dev uuid-runtime python3 iproute2)
+PKGS=(ceph-mon ceph-osd ceph-mgr ceph-common librbd-dev librados-dev uuid-runtime python3 iproute2 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86)
 
 log() { echo "cluster.sh: $*" >&2; }
 
@@ -54,12 +55,13 @@ wait_for() { # wait_for SECONDS DESCRIPTION CMD...
 start() {
 	local dir=$1
 	shift
-	local auth=none gib=6 watch=10
+	local auth=none gib=6 watch=10 addr=127.0.0.1
 	while (($#)); do
 		case $1 in
 		--auth) auth=$2; shift 2 ;;
 		--memstore-gib) gib=$2; shift 2 ;;
 		--watch-timeout) watch=$2; shift 2 ;;
+		--addr) addr=$2; shift 2 ;; # e.g. inside a network namespace: ip netns exec NS cluster.sh …
 		*) log "unknown option $1"; exit 2 ;;
 		esac
 	done
@@ -87,7 +89,7 @@ keyring = $dir/keyring"
 	cat >"$dir/ceph.conf" <<CONF
 [global]
 fsid = $fsid
-mon host = 127.0.0.1:$port
+mon host = $addr:$port
 $authline
 osd pool default size = 1
 osd pool default min size = 1
@@ -106,16 +108,18 @@ admin socket = $dir/run/\$name.\$pid.asok
 mon data = $dir/mon/ceph-\$id
 admin socket = $dir/run/\$name.asok
 [osd]
-public addr = 127.0.0.1
+public addr = $addr
 osd data = $dir/osd/ceph-\$id
+keyring = $dir/osd/ceph-\$id/keyring
 osd objectstore = memstore
 memstore device bytes = $((gib * 1024 * 1024 * 1024))
 osd class load list = *
 osd class default list = *
 admin socket = $dir/run/\$name.asok
 [mgr]
-public addr = 127.0.0.1
+public addr = $addr
 mgr data = $dir/mgr/ceph-\$id
+keyring = $dir/mgr/ceph-\$id/keyring
 admin socket = $dir/run/\$name.asok
 CONF
 	export CEPH_CONF=$dir/ceph.conf
@@ -158,15 +162,25 @@ CONF
 	ceph config set mon auth_allow_insecure_global_id_reclaim false >/dev/null 2>&1 || true
 	ceph config set global osd_client_watch_timeout "$watch" >/dev/null 2>&1 || true
 	wait_for 90 "HEALTH_OK" sh -c "ceph health | grep -q HEALTH_OK"
+	if [[ $auth == cephx ]]; then
+		# flattend's least-privilege key, as docs/operations.md documents it (all pools here: the
+		# tests create pools of their own; in production name them: profile rbd pool=vms, ...).
+		ceph auth get-or-create client.flattend mon 'profile rbd' osd 'profile rbd' \
+			>"$dir/flattend.keyring"
+	fi
 
 	{
 		echo "export CEPH_CONF=$dir/ceph.conf"
-		[[ $auth == cephx ]] && echo "export CEPH_KEYRING=$dir/keyring"
+		if [[ $auth == cephx ]]; then
+			echo "export CEPH_KEYRING=$dir/keyring"
+			echo "export FLATTEND_TEST_CEPH_USER=flattend"
+			echo "export FLATTEND_TEST_CEPH_KEYRING=$dir/flattend.keyring"
+		fi
 		echo "export FLATTEND_TEST_CEPH_CONF=$dir/ceph.conf"
 		echo "export FLATTEND_TEST_CEPH_AUTH=$auth"
 		echo "export FLATTEND_TEST_WATCH_TIMEOUT=$watch"
 	} | tee "$dir/env"
-	log "cluster up on 127.0.0.1:$port ($auth) in $dir"
+	log "cluster up on $addr:$port ($auth) in $dir"
 }
 
 stop() {
@@ -189,5 +203,5 @@ case ${1:-} in
 start) shift; [[ $# -ge 1 ]] || { log "usage: $0 start DIR [options]"; exit 2; }; start "$@" ;;
 stop) shift; [[ $# -ge 1 ]] || { log "usage: $0 stop DIR"; exit 2; }; stop "$1" ;;
 deps) deps ;;
-*) log "usage: $0 start DIR [--auth none|cephx] [--memstore-gib N] [--watch-timeout S] | stop DIR | deps"; exit 2 ;;
+*) log "usage: $0 start DIR [--auth none|cephx] [--memstore-gib N] [--watch-timeout S] [--addr IP] | stop DIR | deps"; exit 2 ;;
 esac

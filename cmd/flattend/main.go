@@ -10,6 +10,8 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"regexp"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -20,8 +22,10 @@ import (
 	"github.com/flattend/flattend/internal/cephconn"
 	"github.com/flattend/flattend/internal/config"
 	"github.com/flattend/flattend/internal/discovery"
+	"github.com/flattend/flattend/internal/flattener"
 	"github.com/flattend/flattend/internal/gate"
 	"github.com/flattend/flattend/internal/lock"
+	"github.com/flattend/flattend/internal/metrics"
 	"github.com/flattend/flattend/internal/scheduler"
 	"github.com/flattend/flattend/internal/status"
 )
@@ -39,10 +43,18 @@ var errSignal = errors.New("stopping on signal")
 const usage = `flattend flattens this node's RBD clones, one at a time cluster-wide.
 
 Usage:
-  flattend run   [--config PATH]                 work in every window, forever (the daemon)
-  flattend once  [--config PATH] [--timeout D]   one pass now, ignoring the window
-  flattend check [--config PATH]                 validate the config and the Ceph connection
-  flattend status [--config PATH] [--json]       who holds the cluster-wide lock, on what, how far
+  flattend run    [--config PATH]         work in every window, forever (the daemon)
+  flattend once   [--config PATH] [--timeout D] [--image POOL/IMAGE] [--ignore-gates]
+                                          one pass now, ignoring the window
+  flattend check  [--config PATH]         validate the config and the Ceph connection
+  flattend status [--config PATH] [--json]
+                                          who holds the cluster-wide lock, on what, how far
+  flattend plan   [--config PATH] [--json]
+                                          this node's clones in flatten order, and why (changes nothing)
+  flattend unlock --force [--slot N] [--yes] [--config PATH]
+                                          break a stuck holder's lock (blocklists its client)
+
+Run "flattend COMMAND --help" for a command's options.
 
 Exit codes: 0 ok, 1 runtime failure (or clones left by once), 2 usage/config error,
 3 cannot reach or authenticate to Ceph.
@@ -60,7 +72,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return exitOK
-	case "run", "once", "check", "status":
+	case "run", "once", "check", "status", "unlock", "plan":
 	default:
 		fmt.Fprintf(stderr, "flattend: unknown command %q\n\n%s", cmd, usage)
 		return exitUsage
@@ -70,12 +82,23 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	cfgPath := fs.String("config", config.DefaultPath, "configuration file")
 	timeout := time.Duration(0)
-	asJSON := false
+	asJSON, ignoreGates, force, yes := false, false, false, false
+	image, slot := "", 0
 	if cmd == "status" {
 		fs.BoolVar(&asJSON, "json", false, "print JSON (the format is documented in docs/operations.md)")
 	}
+	if cmd == "plan" {
+		fs.BoolVar(&asJSON, "json", false, "print JSON (the format is documented in docs/discovery.md)")
+	}
 	if cmd == "once" {
 		fs.DurationVar(&timeout, "timeout", 0, "give up (cancelling the running flatten) after this long; 0: no limit")
+		fs.StringVar(&image, "image", "", "flatten only this clone (POOL/IMAGE or POOL/NAMESPACE/IMAGE), whoever owns it")
+		fs.BoolVar(&ignoreGates, "ignore-gates", false, "skip the health, recovery and space gates (at your own risk)")
+	}
+	if cmd == "unlock" {
+		fs.BoolVar(&force, "force", false, "required: break the lock of a holder that is stuck")
+		fs.IntVar(&slot, "slot", 0, "the slot to break (see flattend status)")
+		fs.BoolVar(&yes, "yes", false, "do not ask for confirmation")
 	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -93,7 +116,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, err)
 		return exitUsage
 	}
-	log, err := newLogger(cfg.Log, stderr)
+	level := zap.NewAtomicLevel()
+	log, err := newLogger(cfg.Log, level, stderr)
 	if err != nil {
 		fmt.Fprintf(stderr, "%s: log: %v\n", cfg.Path, err)
 		return exitUsage
@@ -114,16 +138,43 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 	}()
 
-	dial := func() (*rados.Conn, error) { return cephconn.Dial(cephOptions(cfg)) }
+	// The dialer follows config reloads (SIGHUP): the next connection uses the new settings.
+	var current atomic.Pointer[config.Config]
+	current.Store(cfg)
+	dial := func() (*rados.Conn, error) { return cephconn.Dial(cephOptions(current.Load())) }
 	switch cmd {
 	case "check":
 		return check(cfg, dial, stdout, stderr)
 	case "status":
 		return showStatus(cfg, dial, asJSON, stdout, stderr)
+	case "plan":
+		return plan(ctx, cfg, dial, asJSON, stdout, stderr)
+	case "unlock":
+		if !force {
+			fmt.Fprintln(stderr, "flattend unlock: breaking a lock needs --force (see flattend unlock --help)")
+			return exitUsage
+		}
+		return unlock(cfg, dial, slot, yes, os.Stdin, stdout, stderr)
 	}
 
+	if image != "" {
+		if _, err := flattener.ParseTarget(image); err != nil {
+			fmt.Fprintf(stderr, "flattend once: --image: %v\n", err)
+			return exitUsage
+		}
+	}
+	scfg := schedulerConfig(cfg)
+	if cmd == "run" {
+		scfg.Metrics = metrics.New(cfg.Node)
+	}
+	if ignoreGates {
+		scfg.Gates = gate.Config{}
+	}
+	if cmd == "once" {
+		scfg.OnProgress = newProgressPrinter(stdout).print
+	}
 	// Fail fast on Ceph problems an operator must fix, before any window logic.
-	sched := scheduler.New(schedulerConfig(cfg), scheduler.Dialer(dial), sources(cfg), log)
+	sched := scheduler.New(scfg, scheduler.Dialer(dial), sources(cfg), log)
 	defer func() {
 		closeCtx, done := context.WithTimeout(context.Background(), 5*time.Second)
 		defer done()
@@ -135,11 +186,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 
 	if cmd == "run" {
-		if err := sched.Run(ctx); err != nil {
-			log.Error("stopped", zap.Error(err))
-			return exitCode(err)
-		}
-		return exitOK
+		return daemon(ctx, cfg, &current, level, sched, scfg.Metrics, log)
 	}
 
 	if timeout > 0 {
@@ -147,7 +194,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 		ctx, stop = context.WithTimeoutCause(ctx, timeout, fmt.Errorf("once --timeout %s reached", timeout))
 		defer stop()
 	}
-	sum, err := sched.Pass(ctx)
+	var sum scheduler.Summary
+	if image != "" {
+		var clone discovery.Clone
+		if clone, err = imageClone(dial, image); err == nil {
+			sum = sched.Flatten(ctx, []discovery.Clone{clone})
+		}
+	} else {
+		sum, err = sched.Pass(ctx)
+	}
 	if errors.Is(context.Cause(ctx), errSignal) {
 		log.Info("stopped by signal", zap.Int("flattened", sum.Flattened), zap.Int("left", sum.Left))
 		return exitOK
@@ -197,12 +252,17 @@ func check(cfg *config.Config, dial func() (*rados.Conn, error), stdout, stderr 
 			continue
 		}
 		ioctx.Destroy()
-		fmt.Fprintf(stdout, "discovery: pool %s ok (owner key %s)\n", p.Pool, p.OwnerKey)
+		fmt.Fprintf(stdout, "discovery: pool %s ok (%s)\n", p.Pool, poolSelection(p))
+	}
+	if !checkLibvirt(cfg, stdout, stderr) {
+		code = exitFailure
 	}
 	return code
 }
 
-func showStatus(cfg *config.Config, dial func() (*rados.Conn, error), asJSON bool, stdout, stderr io.Writer) int {
+// withSlots connects, reads every slot of the lock and hands both to fn; errors are printed and
+// turned into exit codes.
+func withSlots(cfg *config.Config, dial func() (*rados.Conn, error), stderr io.Writer, fn func(*rados.Conn, []lock.SlotStatus) int) int {
 	conn, err := dial()
 	if err != nil {
 		fmt.Fprintln(stderr, err)
@@ -214,6 +274,17 @@ func showStatus(cfg *config.Config, dial func() (*rados.Conn, error), asJSON boo
 		fmt.Fprintln(stderr, err)
 		return exitFailure
 	}
+	return fn(conn, slots)
+}
+
+func showStatus(cfg *config.Config, dial func() (*rados.Conn, error), asJSON bool, stdout, stderr io.Writer) int {
+	return withSlots(cfg, dial, stderr, func(_ *rados.Conn, slots []lock.SlotStatus) int {
+		return printStatus(slots, asJSON, stdout)
+	})
+}
+
+func printStatus(slots []lock.SlotStatus, asJSON bool, stdout io.Writer) int {
+	var err error
 	r := status.Build(slots, time.Now())
 	if asJSON {
 		err = status.WriteJSON(stdout, r)
@@ -248,7 +319,7 @@ func cephOptions(cfg *config.Config) cephconn.Options {
 func schedulerConfig(cfg *config.Config) scheduler.Config {
 	// The config package validated the schedule already.
 	w, _ := scheduler.NewWindow(cfg.Window.Schedule, cfg.Window.Duration.D())
-	return scheduler.Config{
+	sc := scheduler.Config{
 		Node:           cfg.Node,
 		Window:         w,
 		BackoffMin:     cfg.Backoff.Min.D(),
@@ -265,6 +336,10 @@ func schedulerConfig(cfg *config.Config) scheduler.Config {
 		MaxBytesPerWindow: uint64(cfg.Flatten.MaxBytesPerWindow),
 		RetryAfter:        cfg.Flatten.RetryAfter.D(),
 	}
+	if cfg.Cleanup.ParentSnapshots {
+		sc.CleanupSnapshots = regexp.MustCompile(cfg.Cleanup.SnapshotPattern) // validated
+	}
+	return sc
 }
 
 func lockOptions(cfg *config.Config) lock.Options {
@@ -275,14 +350,20 @@ func lockOptions(cfg *config.Config) lock.Options {
 func sources(cfg *config.Config) []discovery.Source {
 	var ss []discovery.Source
 	for _, p := range cfg.Discovery.Pools {
-		ss = append(ss, discovery.PoolOwner{Pool: p.Pool, OwnerKey: p.OwnerKey, Node: cfg.Node})
+		src := discovery.Pool{Pool: p.Pool, OwnerKey: p.OwnerKey, Shared: p.Shared, Node: cfg.Node}
+		if p.Match != "" {
+			src.Match = regexp.MustCompile(p.Match) // validated by the config package
+		}
+		ss = append(ss, src)
+	}
+	if l := cfg.Discovery.Libvirt; l != nil {
+		ss = append(ss, discovery.Libvirt{URI: l.URI, IncludeVMDisks: l.IncludeVMDisks, Node: cfg.Node})
 	}
 	return ss
 }
 
-func newLogger(c config.Log, w io.Writer) (*zap.Logger, error) {
-	level, err := zapcore.ParseLevel(c.Level)
-	if err != nil {
+func newLogger(c config.Log, level zap.AtomicLevel, w io.Writer) (*zap.Logger, error) {
+	if err := level.UnmarshalText([]byte(c.Level)); err != nil {
 		return nil, err
 	}
 	enc := zap.NewProductionEncoderConfig()

@@ -6,6 +6,8 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
 	"os"
 	"regexp"
 	"slices"
@@ -32,8 +34,10 @@ type Config struct {
 	Backoff   Backoff   `yaml:"backoff"`
 	Flatten   Flatten   `yaml:"flatten"`
 	Gates     Gates     `yaml:"gates"`
+	Cleanup   Cleanup   `yaml:"cleanup"`
 	Discovery Discovery `yaml:"discovery"`
 	Log       Log       `yaml:"log"`
+	Metrics   Metrics   `yaml:"metrics"`
 
 	// Path is the file the configuration was read from.
 	Path string `yaml:"-"`
@@ -89,6 +93,14 @@ type Flatten struct {
 	RetryAfter Duration `yaml:"retry_after"`
 }
 
+// Cleanup removes parent snapshots nobody needs any more (opt-in).
+type Cleanup struct {
+	// ParentSnapshots: once the last clone of a parent snapshot whose name matches
+	// SnapshotPattern is flat, unprotect and remove that snapshot.
+	ParentSnapshots bool   `yaml:"parent_snapshots"`
+	SnapshotPattern string `yaml:"snapshot_pattern"`
+}
+
 // Gates are the safety checks made before each flatten and every CheckInterval during it.
 type Gates struct {
 	// Health: no flatten while HEALTH_ERR or any OSD or pool is full, nearfull or backfillfull.
@@ -104,14 +116,37 @@ type Gates struct {
 // Discovery lists the sources of the clones this node owns.
 type Discovery struct {
 	Pools []PoolSource `yaml:"pools"`
+	// Libvirt, when the section is present (even empty), turns the libvirt source on.
+	Libvirt *LibvirtSource `yaml:"libvirt"`
 	// Interval is how often, inside an open window, discovery runs again once a pass is over.
 	Interval Duration `yaml:"interval"`
 }
 
-// PoolSource selects the clones of one pool whose image-meta OwnerKey names this node.
+// PoolSource selects the clones of one pool whose image-meta OwnerKey names this node or, with
+// Shared, every clone of the pool: a backlog any node works on while it holds the lock. Match,
+// when set, is a regexp the image name must match.
 type PoolSource struct {
 	Pool     string `yaml:"pool"`
 	OwnerKey string `yaml:"owner_key"`
+	Shared   bool   `yaml:"shared"`
+	Match    string `yaml:"match"`
+}
+
+// LibvirtSource selects the clones made from the snapshots of the RBD disks of the domains
+// libvirt defines on this host (and their clones in turn), and with IncludeVMDisks those disks
+// themselves when they are clones.
+type LibvirtSource struct {
+	URI            string `yaml:"uri"`
+	IncludeVMDisks bool   `yaml:"include_vm_disks"`
+}
+
+// DefaultLibvirtURI is discovery.libvirt.uri's default.
+const DefaultLibvirtURI = "qemu:///system"
+
+// Metrics says where Prometheus metrics are served.
+type Metrics struct {
+	// Listen is host:port for /metrics; empty turns the endpoint off.
+	Listen string `yaml:"listen"`
 }
 
 // Log sets the logger.
@@ -180,6 +215,7 @@ func Defaults() Config {
 		Gates:     Gates{Health: true, Recovery: true, SpaceFactor: 2, CheckInterval: Duration(15 * time.Second)},
 		Discovery: Discovery{Interval: Duration(15 * time.Minute)},
 		Log:       Log{Level: "info", Format: "console"},
+		Metrics:   Metrics{Listen: "127.0.0.1:9478"},
 	}
 }
 
@@ -280,9 +316,15 @@ func Parse(path string, data []byte) (*Config, error) {
 	}
 	cfg.Path = path
 	for i := range cfg.Discovery.Pools {
-		if _, set := places[fmt.Sprintf("discovery.pools[%d].owner_key", i)]; !set {
+		if _, set := places[fmt.Sprintf("discovery.pools[%d].owner_key", i)]; !set && !cfg.Discovery.Pools[i].Shared {
 			cfg.Discovery.Pools[i].OwnerKey = DefaultOwnerKey
 		}
+	}
+	if _, on := places["discovery.libvirt"]; on && cfg.Discovery.Libvirt == nil {
+		cfg.Discovery.Libvirt = &LibvirtSource{} // `libvirt:` with nothing under it
+	}
+	if l := cfg.Discovery.Libvirt; l != nil && l.URI == "" {
+		l.URI = DefaultLibvirtURI
 	}
 	if es := cfg.validate(places); len(es) > 0 {
 		return nil, es
@@ -453,23 +495,47 @@ func (c *Config) validate(places map[string]int) Errors {
 	if !(c.Gates.SpaceFactor >= 1 && c.Gates.SpaceFactor <= 100) {
 		bad("gates.space_factor", "%g is out of range 1..100 (the space gate cannot be turned off)", c.Gates.SpaceFactor)
 	}
+	if c.Cleanup.SnapshotPattern != "" {
+		if _, err := regexp.Compile(c.Cleanup.SnapshotPattern); err != nil {
+			bad("cleanup.snapshot_pattern", "%q is not a regular expression: %v", c.Cleanup.SnapshotPattern, err)
+		}
+	} else if c.Cleanup.ParentSnapshots {
+		bad("cleanup.snapshot_pattern", "required with cleanup.parent_snapshots: true (a regular expression on snapshot names, e.g. ^snapshot-)")
+	}
 	if c.Gates.CheckInterval <= 0 {
 		bad("gates.check_interval", "must be positive, got %s", c.Gates.CheckInterval.D())
 	}
-	if len(c.Discovery.Pools) == 0 {
-		bad("discovery.pools", "list at least one pool to look for this node's clones in")
+	if len(c.Discovery.Pools) == 0 && c.Discovery.Libvirt == nil {
+		bad("discovery.pools", "list at least one pool to look for this node's clones in, or add a discovery.libvirt section")
 	}
 	for i, p := range c.Discovery.Pools {
 		field := fmt.Sprintf("discovery.pools[%d]", i)
 		if !poolName.MatchString(p.Pool) {
 			bad(field+".pool", "%q is not a pool name", p.Pool)
 		}
-		if !metaKey.MatchString(p.OwnerKey) {
+		if _, set := places[field+".owner_key"]; set && p.Shared {
+			bad(field+".owner_key", "a shared pool (shared: true) has no owner: remove owner_key or shared")
+		} else if !p.Shared && !metaKey.MatchString(p.OwnerKey) {
 			bad(field+".owner_key", "%q is not an image-meta key", p.OwnerKey)
+		}
+		if _, err := regexp.Compile(p.Match); err != nil {
+			bad(field+".match", "%q is not a regular expression: %v", p.Match, err)
+		}
+	}
+	if l := c.Discovery.Libvirt; l != nil {
+		if msg := libvirtURIProblem(l.URI); msg != "" {
+			bad("discovery.libvirt.uri", "%q: %s", l.URI, msg)
 		}
 	}
 	if c.Discovery.Interval <= 0 {
 		bad("discovery.interval", "must be positive, got %s", c.Discovery.Interval.D())
+	}
+	if c.Metrics.Listen != "" {
+		if _, port, err := net.SplitHostPort(c.Metrics.Listen); err != nil {
+			bad("metrics.listen", "%q: want host:port (e.g. 127.0.0.1:9478), or \"\" to turn metrics off", c.Metrics.Listen)
+		} else if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+			bad("metrics.listen", "%q: %q is not a port number", c.Metrics.Listen, port)
+		}
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
@@ -482,4 +548,26 @@ func (c *Config) validate(places map[string]int) Errors {
 		bad("log.format", "%q: use console or json", c.Log.Format)
 	}
 	return es
+}
+
+// libvirtURIProblem says what is wrong with a discovery.libvirt.uri, or "" if nothing is: only
+// the local QEMU drivers, as virsh spells them, with an optional socket=PATH.
+func libvirtURIProblem(uri string) string {
+	u, err := url.Parse(uri)
+	switch {
+	case err != nil:
+		return "not a URI"
+	case u.Scheme != "qemu" && u.Scheme != "qemu+unix":
+		return "use a local qemu URI: qemu:///system or qemu:///session, optionally with ?socket=PATH"
+	case u.Host != "" || u.User != nil:
+		return "remote hosts are not supported: flattend reads the VMs of its own host"
+	case u.Path != "/system" && u.Path != "/session":
+		return "use qemu:///system or qemu:///session"
+	}
+	for k, v := range u.Query() {
+		if k != "socket" || len(v) != 1 || !strings.HasPrefix(v[0], "/") {
+			return "the only parameter supported is socket=/absolute/path"
+		}
+	}
+	return ""
 }

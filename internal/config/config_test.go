@@ -116,3 +116,54 @@ func TestFlattenAndGates(t *testing.T) {
 		}
 	}
 }
+
+func TestDiscoverySources(t *testing.T) {
+	cfg, err := Parse("c.yaml", []byte(`discovery:
+  libvirt: {include_vm_disks: true}
+  pools:
+    - {pool: vms, match: "^volume-"}
+    - {pool: backlog, shared: true}
+    - {pool: other, owner_key: site.owner}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := cfg.Discovery
+	if d.Libvirt == nil || d.Libvirt.URI != DefaultLibvirtURI || !d.Libvirt.IncludeVMDisks {
+		t.Errorf("libvirt: %+v", d.Libvirt)
+	}
+	if p := d.Pools[0]; p.OwnerKey != DefaultOwnerKey || p.Shared || p.Match != "^volume-" {
+		t.Errorf("pools[0]: %+v", p)
+	}
+	if p := d.Pools[1]; p.OwnerKey != "" || !p.Shared {
+		t.Errorf("pools[1] (shared): %+v", p)
+	}
+	if p := d.Pools[2]; p.OwnerKey != "site.owner" || p.Shared {
+		t.Errorf("pools[2]: %+v", p)
+	}
+	// An empty libvirt section turns the source on, and suffices without pools.
+	for _, y := range []string{"discovery:\n  libvirt:\n", "discovery: {libvirt: {}}\n", "discovery: {libvirt: {uri: \"qemu:///session?socket=/tmp/s\"}}\n"} {
+		cfg, err := Parse("c.yaml", []byte(y))
+		if err != nil || cfg.Discovery.Libvirt == nil || cfg.Discovery.Libvirt.URI == "" {
+			t.Errorf("%q: %v %+v", y, err, cfg)
+		}
+	}
+	if cfg, _ := Parse("c.yaml", []byte("discovery: {pools: [{pool: vms}]}\n")); cfg.Discovery.Libvirt != nil {
+		t.Error("libvirt on without a section")
+	}
+	for _, tc := range []struct{ yaml, want string }{
+		{"discovery:\n  pools:\n    - pool: vms\n      shared: true\n      owner_key: flattend.owner\n",
+			`c.yaml:5: discovery.pools[0].owner_key: a shared pool (shared: true) has no owner`},
+		{"discovery:\n  pools:\n    - pool: vms\n      match: \"(\"\n", `c.yaml:4: discovery.pools[0].match: "(" is not a regular expression`},
+		{"discovery:\n  libvirt:\n    uri: qemu+ssh://h/system\n", `c.yaml:3: discovery.libvirt.uri: "qemu+ssh://h/system": use a local qemu URI`},
+		{"discovery:\n  libvirt:\n    uri: qemu:///embed\n", `c.yaml:3: discovery.libvirt.uri: "qemu:///embed": use qemu:///system or qemu:///session`},
+		{"discovery:\n  libvirt:\n    uri: qemu:///system?socket=rel\n", `discovery.libvirt.uri: "qemu:///system?socket=rel": the only parameter supported is socket=/absolute/path`},
+		{"discovery:\n  libvirt: {include_vm_disk: true}\n", `c.yaml:2: discovery.libvirt.include_vm_disk: unknown key "include_vm_disk"`},
+		{"discovery: {}\n", `discovery.pools: list at least one pool to look for this node's clones in, or add a discovery.libvirt section`},
+	} {
+		_, err := Parse("c.yaml", []byte(tc.yaml))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: got %v\nwant %q", tc.yaml, err, tc.want)
+		}
+	}
+}

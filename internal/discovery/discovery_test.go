@@ -29,8 +29,8 @@ func TestPoolOwner(t *testing.T) {
 	cephtest.SetMeta(t, ioctx, p.Name, "flattend.owner", node)
 
 	sources := []discovery.Source{
-		discovery.PoolOwner{Pool: cephtest.Pool, OwnerKey: "flattend.owner", Node: node, Workers: 3},
-		discovery.PoolOwner{Pool: cephtest.Pool, OwnerKey: "flattend.owner", Node: node}, // duplicates merge
+		discovery.Pool{Pool: cephtest.Pool, OwnerKey: "flattend.owner", Node: node, Workers: 3},
+		discovery.Pool{Pool: cephtest.Pool, OwnerKey: "flattend.owner", Node: node}, // duplicates merge
 	}
 	clones, err := discovery.Discover(context.Background(), conn, sources)
 	if err != nil {
@@ -49,13 +49,13 @@ func TestPoolOwner(t *testing.T) {
 	}
 
 	clones, err = discovery.Discover(context.Background(), conn,
-		[]discovery.Source{discovery.PoolOwner{Pool: cephtest.Pool, OwnerKey: "site.owner", Node: node}})
+		[]discovery.Source{discovery.Pool{Pool: cephtest.Pool, OwnerKey: "site.owner", Node: node}})
 	if err != nil || len(clones) != 1 || clones[0].Image != custom {
 		t.Fatalf("owner_key site.owner: %v, %v; want only %s", clones, err, custom)
 	}
 
 	_, err = discovery.Discover(context.Background(), conn,
-		[]discovery.Source{discovery.PoolOwner{Pool: "no-such-pool", OwnerKey: "flattend.owner", Node: node}})
+		[]discovery.Source{discovery.Pool{Pool: "no-such-pool", OwnerKey: "flattend.owner", Node: node}})
 	if err == nil {
 		t.Fatal("a missing pool must fail discovery, not look like an empty one")
 	}

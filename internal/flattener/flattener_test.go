@@ -17,7 +17,7 @@ import (
 
 func dial(t *testing.T, ops int) *rados.Conn {
 	t.Helper()
-	conn, err := cephconn.Dial(cephconn.Options{ConfPath: cephtest.ConfPath(t), User: "admin",
+	conn, err := cephconn.Dial(cephconn.Options{ConfPath: cephtest.ConfPath(t), User: cephtest.DaemonUser(), Keyring: cephtest.DaemonKeyring(),
 		ConnectTimeout: 20 * time.Second, ConcurrentOps: ops})
 	if err != nil {
 		t.Fatalf("test cluster unreachable: %v", err)

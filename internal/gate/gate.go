@@ -56,7 +56,8 @@ var recoveryStates = []string{"recovering", "recovery_wait", "backfilling", "bac
 
 // Check asks the cluster once; nil means every enabled gate is open for copying need more
 // bytes into pool. A *Closed error (errors.Is ErrClosed) is a refusal; other errors mean the
-// cluster could not be asked.
+// cluster could not be asked. The commands (`health detail`, `status`, `df`, `osd pool
+// get-quota`) are all allowed to a key with mon 'profile rbd'.
 func Check(conn *rados.Conn, c Config, pool string, need uint64) error {
 	if c.Health {
 		if err := health(conn, pool); err != nil {
@@ -165,29 +166,31 @@ func (h healthReply) closed(pool string) error {
 	return nil
 }
 
-type pgStatReply struct {
-	Summary struct {
+// statusReply is the part of `ceph status` the recovery gate reads. (`pg stat` would be lighter,
+// but it is a mgr command: a key with mon/osd 'profile rbd' may not run it.)
+type statusReply struct {
+	PGMap struct {
 		ByState []struct {
-			Name string `json:"name"`
-			Num  int    `json:"num"`
-		} `json:"num_pg_by_state"`
-	} `json:"pg_summary"`
+			Name  string `json:"state_name"`
+			Count int    `json:"count"`
+		} `json:"pgs_by_state"`
+	} `json:"pgmap"`
 }
 
 func recovery(conn *rados.Conn) error {
-	var p pgStatReply
-	if err := monJSON(conn, map[string]string{"prefix": "pg stat"}, &p); err != nil {
+	var st statusReply
+	if err := monJSON(conn, map[string]string{"prefix": "status"}, &st); err != nil {
 		return err
 	}
-	return p.closed()
+	return st.closed()
 }
 
-func (p pgStatReply) closed() error {
+func (st statusReply) closed() error {
 	var reasons []string
-	for _, s := range p.Summary.ByState {
+	for _, s := range st.PGMap.ByState {
 		for _, word := range strings.Split(s.Name, "+") {
 			if slices.Contains(recoveryStates, word) {
-				reasons = append(reasons, fmt.Sprintf("%d pgs %s", s.Num, s.Name))
+				reasons = append(reasons, fmt.Sprintf("%d pgs %s", s.Count, s.Name))
 				break
 			}
 		}

@@ -26,14 +26,14 @@ func TestHealthReply(t *testing.T) {
 	}
 }
 
-func TestPGStatReply(t *testing.T) {
+func TestStatusReply(t *testing.T) {
 	for _, tc := range []struct{ reply, want string }{
-		{`{"pg_summary":{"num_pg_by_state":[{"name":"active+clean","num":16}]}}`, ""},
-		{`{"pg_summary":{"num_pg_by_state":[{"name":"active+clean","num":12},{"name":"active+recovering+degraded","num":3},{"name":"active+remapped+backfill_wait","num":1}]}}`,
+		{`{"pgmap":{"pgs_by_state":[{"state_name":"active+clean","count":16}]}}`, ""},
+		{`{"pgmap":{"pgs_by_state":[{"state_name":"active+clean","count":12},{"state_name":"active+recovering+degraded","count":3},{"state_name":"active+remapped+backfill_wait","count":1}]}}`,
 			"recovery gate closed: 3 pgs active+recovering+degraded, 1 pgs active+remapped+backfill_wait"},
-		{`{"pg_summary":{"num_pg_by_state":[{"name":"active+clean+scrubbing+deep","num":2}]}}`, ""},
+		{`{"pgmap":{"pgs_by_state":[{"state_name":"active+clean+scrubbing+deep","count":2}]}}`, ""},
 	} {
-		var p pgStatReply
+		var p statusReply
 		if err := json.Unmarshal([]byte(tc.reply), &p); err != nil {
 			t.Fatal(err)
 		}

@@ -16,14 +16,15 @@ import (
 // bytes a flatten will copy times the safety factor. A quota on a pool of its own closes it
 // without touching the rest of the shared test cluster.
 func TestSpaceGateAndQuota(t *testing.T) {
-	conn := cephtest.Connect(t)
+	admin := cephtest.Connect(t)
+	conn := cephtest.DaemonConnect(t) // the gates run with flattend's own caps
 	pool := cephtest.Name(t, "pool")
-	cephtest.EnsurePool(t, conn, pool)
+	cephtest.EnsurePool(t, admin, pool)
 	cfg := gate.Config{Health: true, Recovery: true, SpaceFactor: 2}
 	if err := gate.Check(conn, cfg, pool, 64<<20); err != nil {
 		t.Fatalf("healthy cluster, 64 MiB to copy: %v", err)
 	}
-	cephtest.MonCommand(t, conn, map[string]any{"prefix": "osd pool set-quota", "pool": pool, "field": "max_bytes", "val": "100000000"})
+	cephtest.MonCommand(t, admin, map[string]any{"prefix": "osd pool set-quota", "pool": pool, "field": "max_bytes", "val": "100000000"})
 	avail, err := gate.Avail(conn, pool)
 	if err != nil || avail != 100000000 {
 		t.Fatalf("Avail with a 100 MB quota on an empty pool = %d, %v", avail, err)

@@ -17,14 +17,14 @@ import (
 
 // Many nodes starting at once all create the lock image; every one must succeed.
 func TestEnsureConcurrentCreate(t *testing.T) {
-	conn := cephtest.Connect(t)
+	conn := cephtest.DaemonConnect(t)
 	ioctx := cephtest.IOContext(t, conn)
 	image := cephtest.Name(t, "lock")
 	const nodes = 8
 	errs := make([]error, nodes)
 	var wg sync.WaitGroup
 	for i := range nodes {
-		c := cephtest.Connect(t)
+		c := cephtest.DaemonConnect(t)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -49,7 +49,7 @@ func TestEnsureConcurrentCreate(t *testing.T) {
 }
 
 func TestLockImageWithoutExclusiveLock(t *testing.T) {
-	conn := cephtest.Connect(t)
+	conn := cephtest.DaemonConnect(t)
 	ioctx := cephtest.IOContext(t, conn)
 	image := cephtest.Name(t, "nolock")
 	if _, err := rbd.Create2(ioctx, image, 1<<20, rbd.FeatureLayering, 22); err != nil {
@@ -63,7 +63,7 @@ func TestLockImageWithoutExclusiveLock(t *testing.T) {
 }
 
 func TestMissingPool(t *testing.T) {
-	conn := cephtest.Connect(t)
+	conn := cephtest.DaemonConnect(t)
 	err := newMutex(t, conn, lock.Options{Pool: "no-such-pool", Image: "flattend-lock", CheckInterval: time.Second}).Ensure()
 	if err == nil || !strings.Contains(err.Error(), `pool "no-such-pool" does not exist`) {
 		t.Fatalf("Ensure = %v, want a missing-pool error", err)
@@ -71,7 +71,7 @@ func TestMissingPool(t *testing.T) {
 }
 
 func TestTryLockBusyThenFree(t *testing.T) {
-	connA, connB := cephtest.Connect(t), cephtest.Connect(t)
+	connA, connB := cephtest.DaemonConnect(t), cephtest.DaemonConnect(t)
 	cephtest.IOContext(t, connA)
 	image := cephtest.Name(t, "lock")
 	a := newMutex(t, connA, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second})
@@ -108,7 +108,7 @@ func TestTryLockBusyThenFree(t *testing.T) {
 // A node that breaks our lock (as librbd does to a dead holder) blocklists our connection: the
 // lease must notice and say so on Done, and its Context must be cancelled with the loss as cause.
 func TestLeaseLossIsSignalled(t *testing.T) {
-	connA, connB := cephtest.Connect(t), cephtest.Connect(t)
+	connA, connB := cephtest.DaemonConnect(t), cephtest.DaemonConnect(t)
 	ioB := cephtest.IOContext(t, connB)
 	image := cephtest.Name(t, "lock")
 	a := newMutex(t, connA, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: 500 * time.Millisecond})
@@ -162,7 +162,7 @@ func TestLeaseLossIsSignalled(t *testing.T) {
 
 // A cancelled context gives up on TryLock without leaving the lock taken.
 func TestTryLockCancelled(t *testing.T) {
-	conn := cephtest.Connect(t)
+	conn := cephtest.DaemonConnect(t)
 	cephtest.IOContext(t, conn)
 	image := cephtest.Name(t, "lock")
 	m := newMutex(t, conn, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second})
@@ -177,7 +177,7 @@ func TestTryLockCancelled(t *testing.T) {
 	if err := m.Close(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	other := newMutex(t, cephtest.Connect(t), lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second})
+	other := newMutex(t, cephtest.DaemonConnect(t), lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second})
 	l, err := other.TryLock(context.Background())
 	if err != nil {
 		t.Fatalf("lock left taken by an abandoned TryLock: %v", err)
@@ -190,7 +190,7 @@ func TestSlots(t *testing.T) {
 	var leases []*lock.Lease
 	var muts []*lock.Mutex
 	for range 3 {
-		c := cephtest.Connect(t)
+		c := cephtest.DaemonConnect(t)
 		m := newMutex(t, c, lock.Options{Pool: cephtest.Pool, Image: image, Slots: 2, Node: "n"})
 		if err := m.Ensure(); err != nil {
 			t.Fatal(err)
@@ -211,7 +211,7 @@ func TestSlots(t *testing.T) {
 		t.Fatalf("third node with 2 slots held: %v, want ErrLocked", err)
 	}
 	// A node configured with 1 slot competes for slot 0 only.
-	one := newMutex(t, cephtest.Connect(t), lock.Options{Pool: cephtest.Pool, Image: image, Slots: 1})
+	one := newMutex(t, cephtest.DaemonConnect(t), lock.Options{Pool: cephtest.Pool, Image: image, Slots: 1})
 	if err := one.Ensure(); err != nil {
 		t.Fatal(err)
 	}
@@ -233,8 +233,8 @@ func TestSlots(t *testing.T) {
 // A release wakes the waiters on other connections at once.
 func TestReleaseWakesWaiters(t *testing.T) {
 	image := cephtest.Name(t, "wake")
-	holder := newMutex(t, cephtest.Connect(t), lock.Options{Pool: cephtest.Pool, Image: image})
-	waiter := newMutex(t, cephtest.Connect(t), lock.Options{Pool: cephtest.Pool, Image: image})
+	holder := newMutex(t, cephtest.DaemonConnect(t), lock.Options{Pool: cephtest.Pool, Image: image})
+	waiter := newMutex(t, cephtest.DaemonConnect(t), lock.Options{Pool: cephtest.Pool, Image: image})
 	for _, m := range []*lock.Mutex{holder, waiter} {
 		if err := m.Ensure(); err != nil {
 			t.Fatal(err)
@@ -274,7 +274,7 @@ func TestReleaseWakesWaiters(t *testing.T) {
 // longer owns the lock reads as stale.
 func TestHolderRecordAndStatus(t *testing.T) {
 	image := cephtest.Name(t, "rec")
-	connA := cephtest.Connect(t)
+	connA := cephtest.DaemonConnect(t)
 	a := newMutex(t, connA, lock.Options{Pool: cephtest.Pool, Image: image, Node: "node-a", CheckInterval: 200 * time.Millisecond})
 	if err := a.Ensure(); err != nil {
 		t.Fatal(err)
@@ -287,7 +287,7 @@ func TestHolderRecordAndStatus(t *testing.T) {
 		t.Fatal(err)
 	}
 	l.Progress(5, 20)
-	reader := cephtest.Connect(t)
+	reader := cephtest.DaemonConnect(t)
 	var st []lock.SlotStatus
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -325,7 +325,7 @@ func TestHolderRecordAndStatus(t *testing.T) {
 }
 
 func TestLockImageWithDataRefused(t *testing.T) {
-	conn := cephtest.Connect(t)
+	conn := cephtest.DaemonConnect(t)
 	ioctx := cephtest.IOContext(t, conn)
 	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "data"), 4<<20, 22)
 	err := newMutex(t, conn, lock.Options{Pool: cephtest.Pool, Image: p.Name}).Ensure()

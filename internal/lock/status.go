@@ -61,3 +61,40 @@ func ReadStatus(conn *rados.Conn, pool, image string, slots int) ([]SlotStatus, 
 	}
 	return out, nil
 }
+
+// ErrNotHeld is returned by Break when the slot has no owner to break.
+var ErrNotHeld = errors.New("the lock is not held")
+
+// Break breaks the managed exclusive lock of one slot, for an operator whose holder is stuck: as
+// librbd does when it takes a lock over, the owner's client is blocklisted first, so a holder
+// that is only slow cannot go on writing. The holder's record stays on the lock image: the next
+// holder sees it and repairs the clone it was flattening before anything else. owner must be the
+// owner the operator confirmed (from ReadStatus); if the lock changed hands since, nothing is
+// broken and an error says so.
+func Break(conn *rados.Conn, pool, image string, slot int, owner string) error {
+	ioctx, err := cephconn.OpenPool(conn, pool)
+	if err != nil {
+		return err
+	}
+	defer ioctx.Destroy()
+	name := SlotImage(image, slot)
+	img, err := rbd.OpenImage(ioctx, name, rbd.NoSnapshot)
+	if err != nil {
+		return fmt.Errorf("opening lock image %s/%s: %w", pool, name, cephconn.WithHint(err))
+	}
+	defer img.Close()
+	owners, err := img.LockGetOwners()
+	if err != nil && !errors.Is(err, rbd.ErrNotFound) {
+		return fmt.Errorf("lock owners of %s/%s: %w", pool, name, cephconn.WithHint(err))
+	}
+	if len(owners) == 0 {
+		return fmt.Errorf("%s/%s: %w", pool, name, ErrNotHeld)
+	}
+	if owners[0].Owner != owner {
+		return fmt.Errorf("%s/%s: the lock changed hands (now %s, not %s): nothing broken", pool, name, owners[0].Owner, owner)
+	}
+	if err := img.LockBreak(owners[0].Mode, owner); err != nil {
+		return fmt.Errorf("breaking the lock of %s/%s held by %s: %w", pool, name, owner, cephconn.WithHint(err))
+	}
+	return nil
+}

@@ -7,7 +7,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"regexp"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -19,6 +21,7 @@ import (
 	"github.com/flattend/flattend/internal/flattener"
 	"github.com/flattend/flattend/internal/gate"
 	"github.com/flattend/flattend/internal/lock"
+	"github.com/flattend/flattend/internal/metrics"
 )
 
 // ErrWindowClosed is the cause of cancellation when the night window ends.
@@ -53,6 +56,18 @@ type Config struct {
 	MaxBytesPerWindow uint64
 	// RetryAfter is how long a failed clone waits before its next try, doubled per failure.
 	RetryAfter time.Duration
+
+	// CleanupSnapshots, if set, selects the parent snapshots to remove once their last clone is
+	// flat (nil: never remove any).
+	CleanupSnapshots *regexp.Regexp
+
+	// Reconnect marks a configuration (given to Reload) whose connection settings changed: the
+	// connection is made anew, between two flattens.
+	Reconnect bool
+	// Metrics receives what happens (nil: nothing is recorded).
+	Metrics *metrics.Metrics
+	// OnProgress, if set, is told the running flatten's progress (for a terminal progress bar).
+	OnProgress func(image string, done, total uint64)
 }
 
 // maxRetryAfter caps the doubling of Config.RetryAfter.
@@ -66,7 +81,6 @@ type retry struct {
 
 // budget is what one window has used so far on this node.
 type budget struct {
-	end     time.Time // zero for `once`: no window
 	clones  int
 	bytes   uint64
 	stopped bool // logged that a cap was reached
@@ -90,12 +104,26 @@ type Scheduler struct {
 	unclean map[string]bool
 	retries map[string]retry
 	window  budget
+	// windowEnd is the open window's end in Unix nanoseconds (0 for `once`: no window); a reload
+	// may move it while a pass runs.
+	windowEnd atomic.Int64
+	// progressAt is when the running flatten last made progress (Unix ns; 0: none runs).
+	progressAt atomic.Int64
+
+	reloadMu sync.Mutex
+	pending  *reload
+	reloaded chan struct{} // a Reload arrived
+}
+
+type reload struct {
+	cfg     Config
+	sources []discovery.Source
 }
 
 // New returns a scheduler. Call Close when done.
 func New(cfg Config, dial Dialer, sources []discovery.Source, log *zap.Logger) *Scheduler {
 	return &Scheduler{cfg: cfg, dial: dial, sources: sources, log: log.With(zap.String("node", cfg.Node)),
-		unclean: map[string]bool{}, retries: map[string]retry{}}
+		unclean: map[string]bool{}, retries: map[string]retry{}, reloaded: make(chan struct{}, 1)}
 }
 
 // Summary counts what a pass did.
@@ -119,29 +147,129 @@ func (s Summary) Done() bool { return len(s.Failed) == 0 && len(s.Skipped) == 0 
 // left of it. It returns nil when ctx ends.
 func (s *Scheduler) Run(ctx context.Context) error {
 	for {
+		s.applyReload()
 		now := time.Now()
 		open, end := s.cfg.Window.At(now)
 		if !open {
+			s.cfg.Metrics.WindowOpen(false)
 			next := s.cfg.Window.NextOpen(now)
 			if next.IsZero() {
 				return fmt.Errorf("the window schedule never opens again")
 			}
 			s.log.Info("window closed", zap.Time("next_open", next))
-			if sleep(ctx, time.Until(next)) != nil {
+			t := time.NewTimer(time.Until(next))
+			select {
+			case <-t.C:
+			case <-s.reloaded: // the schedule may have changed
+			case <-ctx.Done():
+				t.Stop()
 				return nil
 			}
+			t.Stop()
 			continue
 		}
 		s.log.Info("window open", zap.Time("until", end))
-		s.window = budget{end: end}
-		wctx, cancel := context.WithDeadlineCause(ctx, end, ErrWindowClosed)
+		s.cfg.Metrics.WindowOpen(true)
+		s.window = budget{}
+		s.windowEnd.Store(end.UnixNano())
+		wctx, cancel := context.WithCancelCause(ctx)
+		closer := time.AfterFunc(time.Until(end), func() { cancel(ErrWindowClosed) })
+		watched := make(chan struct{})
+		go func() { // owned by this window: ends with it
+			defer close(watched)
+			s.followWindowReloads(wctx, closer, cancel)
+		}()
 		s.workWindow(wctx)
-		cancel()
+		closer.Stop()
+		cancel(nil)
+		<-watched
+		s.windowEnd.Store(0)
+		s.cfg.Metrics.WindowOpen(false)
 		if ctx.Err() != nil {
 			return nil
 		}
 		s.log.Info("window ended")
 	}
+}
+
+// followWindowReloads moves the open window's end when a reload changes the schedule, so that a
+// new config does not interrupt a flatten it still allows (and closes the window at once if it
+// does not).
+func (s *Scheduler) followWindowReloads(ctx context.Context, closer *time.Timer, closeWindow context.CancelCauseFunc) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.reloaded:
+		}
+		s.reloadMu.Lock()
+		var w *Window
+		if s.pending != nil {
+			w = &s.pending.cfg.Window
+		}
+		s.reloadMu.Unlock()
+		if w == nil {
+			continue
+		}
+		// Let the next Run iteration see this reload as well.
+		select {
+		case s.reloaded <- struct{}{}:
+		default:
+		}
+		open, end := w.At(time.Now())
+		if !open {
+			closeWindow(ErrWindowClosed)
+			return
+		}
+		s.windowEnd.Store(end.UnixNano())
+		closer.Reset(time.Until(end))
+		s.log.Info("window end moved by the new configuration", zap.Time("until", end))
+		// Wait for the next reload only after this one was applied, not to spin on our own signal.
+		for s.hasPendingReload() {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+	}
+}
+
+// Reload hands the scheduler a new configuration. It takes effect between two flattens: a held
+// lock is not dropped for it, and a running flatten goes on (unless the new window is closed).
+func (s *Scheduler) Reload(cfg Config, sources []discovery.Source) {
+	s.reloadMu.Lock()
+	s.pending = &reload{cfg: cfg, sources: sources}
+	s.reloadMu.Unlock()
+	select {
+	case s.reloaded <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Scheduler) hasPendingReload() bool {
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
+	return s.pending != nil
+}
+
+// applyReload installs a pending configuration; call it only where no lease is held.
+func (s *Scheduler) applyReload() {
+	s.reloadMu.Lock()
+	p := s.pending
+	s.pending = nil
+	s.reloadMu.Unlock()
+	if p == nil {
+		return
+	}
+	old := s.cfg
+	s.cfg, s.sources = p.cfg, p.sources
+	if p.cfg.Reconnect || old.Lock != p.cfg.Lock || old.Node != p.cfg.Node {
+		s.log.Info("configuration reloaded: reconnecting for the new connection or lock settings")
+		s.discard()
+		return
+	}
+	s.log.Info("configuration reloaded")
 }
 
 func (s *Scheduler) workWindow(ctx context.Context) {
@@ -180,13 +308,27 @@ func (s *Scheduler) Pass(ctx context.Context) (Summary, error) {
 	}
 	start := time.Now()
 	clones, err := discovery.Discover(ctx, conn, s.sources)
+	s.cfg.Metrics.Discovered(len(clones), time.Since(start), err)
 	if err != nil {
 		return sum, err
 	}
 	sum.Discovered = len(clones)
 	s.log.Info("discovered clones", zap.Int("count", len(clones)), zap.Duration("took", time.Since(start)))
 	Order(clones, s.cfg.Order)
+	return s.work(ctx, clones, sum), nil
+}
+
+// Flatten flattens the given clones (in this order) like a pass does, for `once --image`.
+func (s *Scheduler) Flatten(ctx context.Context, clones []discovery.Clone) Summary {
+	return s.work(ctx, clones, Summary{Discovered: len(clones)})
+}
+
+func (s *Scheduler) work(ctx context.Context, clones []discovery.Clone, sum Summary) Summary {
+	defer func() {
+		s.cfg.Metrics.Pass(sum.Flattened, len(sum.Failed), len(sum.Skipped), sum.Left)
+	}()
 	for i, c := range clones {
+		s.applyReload() // between two flattens: no lease is held
 		if ctx.Err() != nil {
 			sum.Left += len(clones) - i
 			break
@@ -209,10 +351,12 @@ func (s *Scheduler) Pass(ctx context.Context) (Summary, error) {
 			s.window.bytes += c.Overlap
 			delete(s.retries, c.Spec())
 		case errors.As(err, &closed) && closed.Gate == "space":
+			s.cfg.Metrics.GateClosed(closed.Gate)
 			// Only this clone's pool is short of room: smaller clones or other pools may fit.
 			s.log.Warn("safety gate closed, clone left for later", zap.String("image", c.Spec()), zap.Error(err))
 			sum.Skipped = append(sum.Skipped, c.Spec()+": "+err.Error())
-		case errors.Is(err, gate.ErrClosed):
+		case errors.As(err, &closed):
+			s.cfg.Metrics.GateClosed(closed.Gate)
 			s.log.Warn("safety gate closed, pass stopped", zap.String("image", c.Spec()), zap.Error(err))
 			sum.Left += len(clones) - i
 			sum.Stopped, sum.GateClosed = err.Error(), true
@@ -241,7 +385,7 @@ func (s *Scheduler) Pass(ctx context.Context) (Summary, error) {
 	if s.mutex != nil {
 		s.mutex.StopWaiting() // grants to a node with nothing left to do would be wasted
 	}
-	return sum, nil
+	return sum
 }
 
 // stopReason says why no further flatten may start in this window: a cap reached, or too little
@@ -254,15 +398,20 @@ func (s *Scheduler) stopReason() string {
 		reason = fmt.Sprintf("flatten.max_per_window (%d) reached", s.cfg.MaxPerWindow)
 	case s.cfg.MaxBytesPerWindow > 0 && s.window.bytes >= s.cfg.MaxBytesPerWindow:
 		reason = fmt.Sprintf("flatten.max_bytes_per_window (%s) reached", gate.Bytes(s.cfg.MaxBytesPerWindow))
-	case !s.window.end.IsZero() && time.Until(s.window.end) < s.cfg.MinTimeLeft:
+	case s.tooLate():
 		reason = fmt.Sprintf("%s: %s left, flatten.min_time_left is %s", errTooLate,
-			time.Until(s.window.end).Round(time.Second), s.cfg.MinTimeLeft)
+			time.Until(time.Unix(0, s.windowEnd.Load())).Round(time.Second), s.cfg.MinTimeLeft)
 	}
 	if reason != "" && !s.window.stopped {
 		s.window.stopped = true
 		s.log.Info("no more flattens in this window", zap.String("reason", reason))
 	}
 	return reason
+}
+
+func (s *Scheduler) tooLate() bool {
+	end := s.windowEnd.Load()
+	return end != 0 && time.Until(time.Unix(0, end)) < s.cfg.MinTimeLeft
 }
 
 // skipReason says why c is not tried in this pass: it failed recently, or it alone would take
@@ -324,6 +473,7 @@ func (s *Scheduler) flattenOne(ctx context.Context, c discovery.Clone) error {
 			return err
 		}
 		s.log.Debug("lock acquired", zap.String("lock", lease.Image()), zap.String("image", c.Spec()), zap.Duration("waited", time.Since(waitStart)))
+		s.cfg.Metrics.LockAcquired(time.Since(waitStart))
 
 		ferr := s.repairInterrupted(conn, lease, c)
 		if ferr == nil {
@@ -332,6 +482,7 @@ func (s *Scheduler) flattenOne(ctx context.Context, c discovery.Clone) error {
 		uerr := lease.Unlock()
 		s.log.Debug("lock released", zap.String("lock", lease.Image()), zap.NamedError("unlock_error", uerr))
 		lost := errors.Is(uerr, lock.ErrLost) || errors.Is(ferr, lock.ErrLost) || cephconn.IsBlocklisted(ferr)
+		s.cfg.Metrics.LockReleased(lost)
 		if lost || uerr != nil {
 			// The lock was lost or the connection fenced: never reuse it.
 			s.log.Warn("lock lost, reconnecting", zap.NamedError("lease", uerr), zap.NamedError("flatten", ferr))
@@ -341,6 +492,9 @@ func (s *Scheduler) flattenOne(ctx context.Context, c discovery.Clone) error {
 		case ferr == nil:
 			// Even if the loss shows only now: librbd detaches the parent only after every object
 			// is copied, and a fenced client cannot finish, so a finished flatten is complete.
+			if !lost {
+				s.cleanupParent(conn, c)
+			}
 			return nil
 		case ctx.Err() == nil && lost:
 			s.unclean[c.Spec()] = true
@@ -352,6 +506,35 @@ func (s *Scheduler) flattenOne(ctx context.Context, c discovery.Clone) error {
 			continue
 		}
 		return ferr
+	}
+}
+
+// cleanupParent removes c's parent snapshot when the configuration asks for it and no clone
+// needs it any more. It never removes the parent of a clone whose flatten was interrupted: that
+// clone must be checked first (docs/operations.md, "Known issues"). Failures are only logged.
+func (s *Scheduler) cleanupParent(conn *rados.Conn, c discovery.Clone) {
+	if s.cfg.CleanupSnapshots == nil || c.Parent == "" {
+		return
+	}
+	snap, err := flattener.ParseSnapshot(c.Parent)
+	if err != nil || !s.cfg.CleanupSnapshots.MatchString(snap.Snap) {
+		return
+	}
+	log := s.log.With(zap.String("image", c.Spec()), zap.String("snapshot", c.Parent))
+	t := flattener.Target{Pool: c.Pool, Namespace: c.Namespace, Image: c.Image}
+	if note, err := flattener.Interrupted(conn, t); err != nil || note != "" {
+		log.Warn("parent snapshot kept: this clone's flatten was interrupted; check the clone, then remove the snapshot by hand",
+			zap.String(flattener.InterruptedKey, note), zap.Error(err))
+		return
+	}
+	removed, why, err := flattener.RemoveIfUnused(conn, snap)
+	switch {
+	case err != nil:
+		log.Error("removing the parent snapshot failed", zap.Error(err))
+	case removed:
+		log.Info("parent snapshot removed: its last clone is flat")
+	default:
+		log.Info("parent snapshot kept", zap.String("reason", why))
 	}
 }
 
@@ -374,6 +557,10 @@ func (s *Scheduler) repairInterrupted(conn *rados.Conn, lease *lock.Lease, c dis
 		t, err := flattener.ParseTarget(spec)
 		if err == nil {
 			err = flattener.RepairObjectMap(conn, t)
+		}
+		if err == nil {
+			// Keeps cleanup from removing its parent snapshot, whichever node flattens it later.
+			err = flattener.MarkInterrupted(conn, t, fmt.Sprintf("%s repaired by %s", time.Now().UTC().Format(time.RFC3339), s.cfg.Node))
 		}
 		switch {
 		case err == nil, errors.Is(err, flattener.ErrNotFound):
@@ -404,7 +591,7 @@ func (s *Scheduler) flattenUnder(ctx context.Context, conn *rados.Conn, lease *l
 		log.Info("already flat")
 		return nil
 	}
-	if !s.window.end.IsZero() && time.Until(s.window.end) < s.cfg.MinTimeLeft {
+	if s.tooLate() {
 		return errTooLate // the wait for the lock took the window's rest
 	}
 	users, err := flattener.Users(conn, t)
@@ -435,35 +622,64 @@ func (s *Scheduler) flattenUnder(ctx context.Context, conn *rados.Conn, lease *l
 	}
 	log.Info("flatten started", zap.String("parent", info.Parent), zap.Uint64("bytes", info.Overlap), zap.String("lock", lease.Image()))
 	start := time.Now()
+	s.cfg.Metrics.FlattenStarted()
+	s.progressAt.Store(start.UnixNano())
+	defer s.progressAt.Store(0)
 	var decile atomic.Int64
 	err = flattener.Flatten(fctx, conn, t, func(objDone, objTotal uint64) {
+		s.progressAt.Store(time.Now().UnixNano())
 		lease.Progress(objDone, objTotal)
+		if s.cfg.OnProgress != nil {
+			s.cfg.OnProgress(t.String(), objDone, objTotal)
+		}
 		if objTotal == 0 {
 			return
 		}
-		done.Store(objDone)
+		if prev := done.Swap(objDone); objDone > prev {
+			s.cfg.Metrics.Progress(float64(objDone)/float64(objTotal), info.Overlap/objTotal*(objDone-prev))
+		}
 		total.Store(objTotal)
 		d := int64(objDone * 10 / objTotal)
 		if old := decile.Load(); d > old && d < 10 && decile.CompareAndSwap(old, d) {
 			log.Info("flatten progress", zap.Int64("percent", d*10), zap.Uint64("objects_done", objDone), zap.Uint64("objects", objTotal))
 		}
 	})
-	result := "flat"
+	result, reason := "flat", "done"
 	switch {
 	case err == nil:
 	case errors.Is(err, flattener.ErrCancelled):
-		result = "cancelled"
+		result, reason = "cancelled", "stopped"
 		if lerr := lease.Err(); lerr != nil {
-			err = lerr // the lease's loss is the story
+			err, reason = lerr, "lock_lost" // the lease's loss is the story
 		} else if gerr := context.Cause(gctx); errors.Is(gerr, gate.ErrClosed) {
-			result, err = "aborted by a safety gate", gerr
+			result, reason, err = "aborted by a safety gate", "gate", gerr
+		} else if errors.Is(err, ErrWindowClosed) {
+			reason = "window"
 		}
 	default:
-		result = "failed"
+		result, reason = "failed", "error"
 	}
+	s.cfg.Metrics.FlattenEnded(resultLabel(result), reason, time.Since(start))
 	log.Info("flatten finished", zap.String("result", result), zap.Uint64("bytes", info.Overlap),
 		zap.Duration("duration", time.Since(start)), zap.Error(err))
 	return err
+}
+
+func resultLabel(result string) string {
+	if result == "aborted by a safety gate" {
+		return "cancelled"
+	}
+	return result
+}
+
+// Stalled reports how long the running flatten has gone without progress (0 when none runs or
+// it moved recently): a librbd call that hangs (say, on a full cluster) shows here.
+func (s *Scheduler) Stalled() time.Duration {
+	at := s.progressAt.Load()
+	if at == 0 {
+		return 0
+	}
+	return time.Since(time.Unix(0, at))
 }
 
 // session returns the current connection and mutex, dialling and preparing the lock image first

@@ -44,13 +44,35 @@ func WatchTimeout() time.Duration {
 	return time.Duration(s) * time.Second
 }
 
-// Connect opens a new client connection (a new RADOS instance) to the test cluster, or fails.
-func Connect(t testing.TB) *rados.Conn {
+// DaemonUser is the cephx id flattend itself uses in the tests: FLATTEND_TEST_CEPH_USER (on a
+// cephx test cluster, the least-privilege client.flattend that test/cluster.sh creates) or admin.
+func DaemonUser() string {
+	if u := os.Getenv("FLATTEND_TEST_CEPH_USER"); u != "" {
+		return u
+	}
+	return "admin"
+}
+
+// DaemonKeyring is DaemonUser's keyring file, "" for the default.
+func DaemonKeyring() string { return os.Getenv("FLATTEND_TEST_CEPH_KEYRING") }
+
+// Connect opens a new admin connection (a new RADOS instance) to the test cluster, or fails:
+// for the test's own set-up and checks.
+func Connect(t testing.TB) *rados.Conn { return connectAs(t, "admin", "") }
+
+// DaemonConnect opens a connection with flattend's own key (DaemonUser): for the code under test,
+// so that a suite on a cephx cluster proves its caps are enough.
+func DaemonConnect(t testing.TB) *rados.Conn { return connectAs(t, DaemonUser(), DaemonKeyring()) }
+
+func connectAs(t testing.TB, user, keyring string) *rados.Conn {
 	t.Helper()
 	conf := ConfPath(t)
-	conn, err := rados.NewConnWithUser("admin")
+	conn, err := rados.NewConnWithUser(user)
 	if err == nil {
 		err = conn.ReadConfigFile(conf)
+	}
+	if err == nil && keyring != "" {
+		err = conn.SetConfigOption("keyring", keyring)
 	}
 	if err == nil {
 		err = conn.SetConfigOption("client_mount_timeout", "20")
@@ -59,7 +81,7 @@ func Connect(t testing.TB) *rados.Conn {
 		err = conn.Connect()
 	}
 	if err != nil {
-		t.Fatalf("test cluster %s unreachable: %v", conf, err)
+		t.Fatalf("test cluster %s unreachable as client.%s: %v", conf, user, err)
 	}
 	t.Cleanup(conn.Shutdown)
 	return conn
@@ -72,8 +94,12 @@ func IOContext(t testing.TB, conn *rados.Conn) *rados.IOContext {
 	t.Helper()
 	poolOnce.Lock()
 	defer poolOnce.Unlock()
-	EnsurePool(t, conn, Pool)
 	ioctx, err := conn.OpenIOContext(Pool)
+	if err != nil {
+		// Created with an admin connection: conn may be the daemon's, which may not create pools.
+		EnsurePool(t, Connect(t), Pool)
+		ioctx, err = conn.OpenIOContext(Pool)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -161,6 +187,38 @@ func MakeParent(t testing.TB, ioctx *rados.IOContext, name string, size uint64, 
 		t.Fatal(err)
 	}
 	return Parent{Name: name, Snap: "s", Size: size, Digest: hex.EncodeToString(h.Sum(nil))}
+}
+
+// SnapProtect snapshots image name as snap and protects the snapshot, so it can be cloned.
+func SnapProtect(t testing.TB, ioctx *rados.IOContext, name, snap string) Parent {
+	t.Helper()
+	img, err := rbd.OpenImage(ioctx, name, rbd.NoSnapshot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	s, err := img.CreateSnapshot(snap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Protect(); err != nil {
+		t.Fatal(err)
+	}
+	return Parent{Name: name, Snap: snap}
+}
+
+// HasSnapshot reports whether image name has a snapshot snap.
+func HasSnapshot(t testing.TB, ioctx *rados.IOContext, name, snap string) bool {
+	t.Helper()
+	img, err := rbd.OpenImageReadOnly(ioctx, name, snap)
+	if errors.Is(err, rbd.ErrNotFound) {
+		return false
+	}
+	if err != nil {
+		t.Fatalf("open %s@%s: %v", name, snap, err)
+	}
+	img.Close()
+	return true
 }
 
 // Clone makes name a clone of p and, if owner is not empty, tags it flattend.owner=owner.

@@ -126,16 +126,15 @@ func TestHealthGateAbortsRunningFlatten(t *testing.T) {
 // start when less than flatten.min_time_left of the window is left.
 func TestWindowEnd(t *testing.T) {
 	conn := cephtest.Connect(t)
+	late := newSlowNode(t, conn, 16)
+	ending := newSlowNode(t, conn, 256) // far more than 15 s of copying
 	now := time.Now()
 	opened := now.Truncate(time.Minute)
 	window := func(left time.Duration) string {
 		return fmt.Sprintf("window: {schedule: \"%d %d * * *\", duration: %s}\n", opened.Minute(), opened.Hour(),
 			now.Sub(opened)+left)
 	}
-
-	late := newSlowNode(t, conn, 16)
 	lateRun := start(t, "run", "--config", nodeConfig(t, late.node, late.lockImage, window(40*time.Second)+"flatten: {min_time_left: 1m}\n"))
-	ending := newSlowNode(t, conn, 256) // far more than 15 s of copying
 	endingRun := start(t, "run", "--config", nodeConfig(t, ending.node, ending.lockImage, window(15*time.Second)+"flatten: {concurrent_ops: 1, min_time_left: 5s}\n"))
 
 	lateRun.waitFor(t, 30*time.Second, "refusal to start", func(e event) bool { return e.Msg == "no more flattens in this window" })
@@ -156,4 +155,50 @@ func TestWindowEnd(t *testing.T) {
 		t.Fatalf("resuming once: exit %d\n%s", code, out)
 	}
 	cephtest.AssertFlatAndIntact(t, ending.ioctx, ending.parent, ending.clone)
+}
+
+// cleanup.parent_snapshots removes a matching parent snapshot once its last clone is flat, and
+// never one outside the pattern, one with clones left, or the parent of a clone whose flatten was
+// interrupted.
+func TestParentSnapshotCleanup(t *testing.T) {
+	conn := cephtest.Connect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	node := cephtest.Name(t, "n")
+	parent := func(snap string) cephtest.Parent {
+		p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 4<<20, 22)
+		q := cephtest.SnapProtect(t, ioctx, p.Name, snap)
+		q.Size, q.Digest = p.Size, p.Digest
+		return q
+	}
+	done, other, outside, hurt := parent("snapshot-done"), parent("snapshot-other"), parent("golden"), parent("snapshot-hurt")
+	cephtest.Clone(t, ioctx, done, node+"-d1", node)
+	cephtest.Clone(t, ioctx, done, node+"-d2", node)
+	cephtest.Clone(t, ioctx, other, node+"-o1", node)
+	cephtest.Clone(t, ioctx, other, cephtest.Name(t, "theirs"), "another-node")
+	cephtest.Clone(t, ioctx, outside, node+"-g1", node)
+	cephtest.Clone(t, ioctx, hurt, node+"-h1", node)
+	cephtest.SetMeta(t, ioctx, node+"-h1", "flattend.interrupted", "2026-11-24T00:00:00Z repaired by test")
+
+	code, out := runCmd(t, 2*time.Minute, "once", "--config", nodeConfig(t, node, cephtest.Name(t, "lock"),
+		"cleanup: {parent_snapshots: true, snapshot_pattern: \"^snapshot-\"}\n"))
+	if code != 0 {
+		t.Fatalf("once: exit %d\n%s", code, out)
+	}
+	for _, c := range []struct {
+		p    cephtest.Parent
+		kept bool
+	}{{done, false}, {other, true}, {outside, true}, {hurt, true}} {
+		if got := cephtest.HasSnapshot(t, ioctx, c.p.Name, c.p.Snap); got != c.kept {
+			t.Errorf("%s@%s: exists = %v, want %v", c.p.Name, c.p.Snap, got, c.kept)
+		}
+	}
+	for _, want := range []string{"parent snapshot removed: its last clone is flat", "1 clone(s) still depend on it",
+		"parent snapshot kept: this clone's flatten was interrupted"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("log lacks %q", want)
+		}
+	}
+	for c, p := range map[string]cephtest.Parent{"-d1": done, "-d2": done, "-o1": other, "-g1": outside, "-h1": hurt} {
+		cephtest.AssertFlatAndIntact(t, ioctx, p, node+c)
+	}
 }

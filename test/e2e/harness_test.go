@@ -52,11 +52,12 @@ func nodeConfig(t *testing.T, node, lockImage, extra string) string {
 	t.Helper()
 	lines := []string{
 		"node: " + node,
-		fmt.Sprintf("ceph: {conf: %s, user: admin, connect_timeout: 20s}", cephtest.ConfPath(t)),
+		fmt.Sprintf("ceph: {conf: %s, user: %s, keyring: %q, connect_timeout: 20s}", cephtest.ConfPath(t), cephtest.DaemonUser(), cephtest.DaemonKeyring()),
 		fmt.Sprintf("lock: {pool: %s, image: %s, check_interval: 1s}", cephtest.Pool, lockImage),
 		`window: {schedule: "* * * * *", duration: 1h}`, // always open
 		"backoff: {min: 200ms, max: 1s}",
 		"log: {level: debug, format: json}",
+		`metrics: {listen: "127.0.0.1:0"}`, // many daemons on one host: any free port
 		fmt.Sprintf("discovery: {pools: [{pool: %s}]}", cephtest.Pool),
 	}
 	var body []string
@@ -102,11 +103,18 @@ type proc struct {
 
 func start(t *testing.T, args ...string) *proc {
 	t.Helper()
+	return startCmd(t, exec.Command(binary, args...))
+}
+
+// startCmd starts cmd (flattend, maybe wrapped: ip netns exec …) with its output in a log file.
+func startCmd(t *testing.T, cmd *exec.Cmd) *proc {
+	t.Helper()
+	args := cmd.Args
 	logf, err := os.CreateTemp(t.TempDir(), "flattend-*.log")
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &proc{cmd: exec.Command(binary, args...), log: logf.Name(), done: make(chan struct{})}
+	p := &proc{cmd: cmd, log: logf.Name(), done: make(chan struct{})}
 	p.cmd.Stdout, p.cmd.Stderr = logf, logf
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -165,6 +173,7 @@ type event struct {
 	Percent  int       `json:"percent"`
 	Error    string    `json:"error"`
 	Duration float64   `json:"duration"`
+	URL      string    `json:"url"`
 }
 
 func (p *proc) events(t *testing.T) []event {

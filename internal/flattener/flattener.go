@@ -127,26 +127,6 @@ func Flatten(ctx context.Context, conn *rados.Conn, t Target, progress Progress)
 	return cephconn.WithHint(fmt.Errorf("%s: %s: %w", t, stage, errno))
 }
 
-// RepairObjectMap rebuilds t's object map from the objects that exist. A flatten stopped by
-// fencing (its client blocklisted mid-copy-up) or by a crash can leave the map saying "exists" for
-// an object whose copy-up never landed; a later flatten skips such objects and then detaches the
-// parent, losing their data. Run it before resuming a flatten that did not end cleanly.
-func RepairObjectMap(conn *rados.Conn, t Target) error {
-	ioctx, err := openPool(conn, t)
-	if err != nil {
-		return err
-	}
-	defer ioctx.Destroy()
-	stage, errno := rebuildObjectMap(ioctx, t.Image)
-	switch {
-	case errno == 0:
-		return nil
-	case stage == "open" && errno == syscall.ENOENT:
-		return fmt.Errorf("%s: %w", t, ErrNotFound)
-	}
-	return fmt.Errorf("%s: %s: %w", t, stage, errno)
-}
-
 // ParseTarget reads "pool/image" or "pool/namespace/image".
 func ParseTarget(spec string) (Target, error) {
 	parts := strings.Split(spec, "/")

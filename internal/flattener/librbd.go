@@ -66,19 +66,3 @@ func flattenWithProgress(ioctx *rados.IOContext, name string, progress progressF
 		return "flatten", C.rbd_flatten_with_progress(img, C.librbd_progress_fn_t(C.flattendProgress), arg)
 	})
 }
-
-// rebuildObjectMap opens name in ioctx and rebuilds its object map from the objects that really
-// exist, if the image has one.
-func rebuildObjectMap(ioctx *rados.IOContext, name string) (stage string, errno syscall.Errno) {
-	always := progressFunc(func(uint64, uint64) bool { return true })
-	return withImage(ioctx, name, always, func(img C.rbd_image_t, arg unsafe.Pointer) (string, C.int) {
-		var features C.uint64_t
-		if ret := C.rbd_get_features(img, &features); ret < 0 {
-			return "features", ret
-		}
-		if features&C.RBD_FEATURE_OBJECT_MAP == 0 {
-			return "", 0
-		}
-		return "rebuild object map", C.rbd_rebuild_object_map(img, C.librbd_progress_fn_t(C.flattendProgress), arg)
-	})
-}

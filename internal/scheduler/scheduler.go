@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -102,8 +103,12 @@ type Scheduler struct {
 	// unclean lists clones whose flatten this process lost mid-way: their object map must be
 	// rebuilt before they are resumed.
 	unclean map[string]bool
-	retries map[string]retry
-	window  budget
+	// checkFirst lists clones to check for lost copy-ups before their flatten although nothing
+	// says they were interrupted (`once --image`: an operator resuming a flatten that may have
+	// been killed outside flattend, e.g. an `rbd flatten`).
+	checkFirst map[string]bool
+	retries    map[string]retry
+	window     budget
 	// windowEnd is the open window's end in Unix nanoseconds (0 for `once`: no window); a reload
 	// may move it while a pass runs.
 	windowEnd atomic.Int64
@@ -123,7 +128,7 @@ type reload struct {
 // New returns a scheduler. Call Close when done.
 func New(cfg Config, dial Dialer, sources []discovery.Source, log *zap.Logger) *Scheduler {
 	return &Scheduler{cfg: cfg, dial: dial, sources: sources, log: log.With(zap.String("node", cfg.Node)),
-		unclean: map[string]bool{}, retries: map[string]retry{}, reloaded: make(chan struct{}, 1)}
+		unclean: map[string]bool{}, checkFirst: map[string]bool{}, retries: map[string]retry{}, reloaded: make(chan struct{}, 1)}
 }
 
 // Summary counts what a pass did.
@@ -318,8 +323,12 @@ func (s *Scheduler) Pass(ctx context.Context) (Summary, error) {
 	return s.work(ctx, clones, sum), nil
 }
 
-// Flatten flattens the given clones (in this order) like a pass does, for `once --image`.
+// Flatten flattens the given clones (in this order) like a pass does, for `once --image`. Each is
+// first checked for copy-ups lost by an earlier flatten that was killed (see RepairCopyups).
 func (s *Scheduler) Flatten(ctx context.Context, clones []discovery.Clone) Summary {
+	for _, c := range clones {
+		s.checkFirst[c.Spec()] = true
+	}
 	return s.work(ctx, clones, Summary{Discovered: len(clones)})
 }
 
@@ -538,10 +547,12 @@ func (s *Scheduler) cleanupParent(conn *rados.Conn, c discovery.Clone) {
 	}
 }
 
-// repairInterrupted rebuilds the object map of a clone whose flatten stopped uncleanly: one this
-// process lost, or the one a previous holder of this slot was flattening when it was killed, cut
-// off or fenced (its record is still on the lock image). It runs under the lock, like a flatten.
-// An error means c itself could not be repaired and must not be flattened now.
+// repairInterrupted repairs a clone whose flatten stopped uncleanly: one this process lost, or
+// the one a previous holder of this slot was flattening when it was killed, cut off or fenced
+// (its record is still on the lock image). The copy-up that was in flight may have left the
+// clone's object map saying "exists" for an object that was never written, which a resumed
+// flatten would skip and lose (see flattener.RepairCopyups). It runs under the lock, like a
+// flatten. An error means c itself could not be repaired and must not be flattened now.
 func (s *Scheduler) repairInterrupted(conn *rados.Conn, lease *lock.Lease, c discovery.Clone) error {
 	var specs []string
 	if r := lease.Interrupted(); r != nil && r.Clone != "" {
@@ -549,27 +560,30 @@ func (s *Scheduler) repairInterrupted(conn *rados.Conn, lease *lock.Lease, c dis
 			zap.String("holder", r.Node), zap.Int("pid", r.PID), zap.String("clone", r.Clone))
 		specs = append(specs, r.Clone)
 	}
-	if s.unclean[c.Spec()] {
+	if (s.unclean[c.Spec()] || s.checkFirst[c.Spec()]) && !slices.Contains(specs, c.Spec()) {
 		specs = append(specs, c.Spec())
 	}
 	var cErr error
 	for _, spec := range specs {
 		t, err := flattener.ParseTarget(spec)
+		var repaired []uint64
 		if err == nil {
-			err = flattener.RepairObjectMap(conn, t)
+			repaired, err = flattener.RepairCopyups(conn, t)
 		}
-		if err == nil {
+		if err == nil && (!s.checkFirst[spec] || len(repaired) > 0 || s.unclean[spec]) {
 			// Keeps cleanup from removing its parent snapshot, whichever node flattens it later.
 			err = flattener.MarkInterrupted(conn, t, fmt.Sprintf("%s repaired by %s", time.Now().UTC().Format(time.RFC3339), s.cfg.Node))
 		}
 		switch {
 		case err == nil, errors.Is(err, flattener.ErrNotFound):
-			s.log.Info("object map rebuilt after an interrupted flatten", zap.String("image", spec))
+			s.log.Info("interrupted flatten repaired: lost copy-ups redone before the resume", zap.String("image", spec),
+				zap.Uint64s("objects_copied_up", repaired))
 			delete(s.unclean, spec)
+			delete(s.checkFirst, spec)
 		default:
-			s.log.Error("rebuilding the object map failed", zap.String("image", spec), zap.Error(err))
+			s.log.Error("repairing an interrupted flatten failed", zap.String("image", spec), zap.Error(err))
 			if spec == c.Spec() {
-				cErr = fmt.Errorf("not resuming an interrupted flatten before its object map is rebuilt: %w", err)
+				cErr = fmt.Errorf("not resuming an interrupted flatten before it is repaired: %w", err)
 			}
 		}
 	}

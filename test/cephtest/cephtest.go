@@ -207,6 +207,33 @@ func SnapProtect(t testing.TB, ioctx *rados.IOContext, name, snap string) Parent
 	return Parent{Name: name, Snap: snap}
 }
 
+// LoseCopyup puts clone's object obj in the state a flattening client leaves when it dies between
+// marking the object as existing in the object map and writing it: copied up, then removed from
+// RADOS behind librbd's back. The map says "exists"; there is no object.
+func LoseCopyup(t testing.TB, ioctx *rados.IOContext, clone string, obj uint64) {
+	t.Helper()
+	img, err := rbd.OpenImage(ioctx, clone, rbd.NoSnapshot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	info, err := img.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 1)
+	off := int64(obj * info.Obj_size)
+	if _, err := img.ReadAt(b, off); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := img.WriteAt(b, off); err != nil {
+		t.Fatal(err)
+	}
+	if err := ioctx.Delete(fmt.Sprintf("%s.%016x", info.Block_name_prefix, obj)); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // HasSnapshot reports whether image name has a snapshot snap.
 func HasSnapshot(t testing.TB, ioctx *rados.IOContext, name, snap string) bool {
 	t.Helper()

@@ -1,11 +1,15 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/ceph/go-ceph/rbd"
+
+	"github.com/flattend/flattend/internal/lock"
 	"github.com/flattend/flattend/test/cephtest"
 )
 
@@ -201,4 +205,79 @@ func TestParentSnapshotCleanup(t *testing.T) {
 	for c, p := range map[string]cephtest.Parent{"-d1": done, "-d2": done, "-o1": other, "-g1": outside, "-h1": hurt} {
 		cephtest.AssertFlatAndIntact(t, ioctx, p, node+c)
 	}
+}
+
+// Clone edge cases: a clone of a clone (the deeper one goes first), a clone whose parent is in
+// the trash, and a clone deleted between discovery and its turn: all handled with a log line.
+func TestCloneEdgeCases(t *testing.T) {
+	conn := cephtest.Connect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	node := cephtest.Name(t, "n")
+	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 4<<20, 22)
+	child, grandchild := node+"-child", node+"-grandchild"
+	cephtest.Clone(t, ioctx, p, child, node)
+	c1 := cephtest.SnapProtect(t, ioctx, child, "s2")
+	c1.Size, c1.Digest = p.Size, p.Digest
+	cephtest.Clone(t, ioctx, c1, grandchild, node)
+
+	trashed := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "trashed"), 4<<20, 22)
+	orphan := node + "-of-trashed"
+	cephtest.Clone(t, ioctx, trashed, orphan, node)
+	img, err := rbd.OpenImage(ioctx, trashed.Name, rbd.NoSnapshot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Trash(0); err != nil {
+		t.Fatalf("moving %s to the trash: %v", trashed.Name, err)
+	}
+	img.Close()
+
+	doomed := node + "-doomed"
+	cephtest.Clone(t, ioctx, p, doomed, node)
+
+	// Hold the lock so that the node discovers, then waits; delete a clone meanwhile.
+	lockImage := cephtest.Name(t, "lock")
+	conf := nodeConfig(t, node, lockImage, "")
+	holder := cephtest.Connect(t)
+	m := lock.New(holder, lock.Options{Pool: cephtest.Pool, Image: lockImage, CheckInterval: time.Second})
+	if err := m.Ensure(); err != nil {
+		t.Fatal(err)
+	}
+	lease, err := m.TryLock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pr := start(t, "once", "--config", conf)
+	pr.waitFor(t, 30*time.Second, "discovery", func(e event) bool { return e.Msg == "discovered clones" })
+	if err := rbd.RemoveImage(ioctx, doomed); err != nil {
+		t.Fatal(err)
+	}
+	if err := lease.Unlock(); err != nil {
+		t.Fatal(err)
+	}
+	_ = m.Close(context.Background())
+	if code := pr.wait(t, 2*time.Minute); code != 0 {
+		t.Fatalf("once: exit %d", code)
+	}
+	evs := pr.events(t)
+	gone := false
+	var order []string
+	for _, e := range evs {
+		if e.Msg == "image gone since discovery, skipped" && strings.HasSuffix(e.Image, doomed) {
+			gone = true
+		}
+		if e.Msg == "flatten started" {
+			order = append(order, e.Image[strings.LastIndexByte(e.Image, '/')+1:])
+		}
+	}
+	if !gone {
+		t.Error("no 'image gone since discovery' line for the deleted clone")
+	}
+	if len(order) != 3 || order[0] != grandchild {
+		t.Errorf("flattens in order %v, want 3 with the grandchild (depth 2) first", order)
+	}
+	for _, c := range []string{child, grandchild} {
+		cephtest.AssertFlatAndIntact(t, ioctx, p, c)
+	}
+	cephtest.AssertFlatAndIntact(t, ioctx, trashed, orphan)
 }

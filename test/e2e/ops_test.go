@@ -214,8 +214,8 @@ func TestUnlockForce(t *testing.T) {
 	cephtest.AssertFlatAndIntact(t, ioctx, p, node+"-c")
 }
 
-// once --image flattens one named clone, whoever owns it, and prints plain progress lines when
-// stdout is not a terminal.
+// once --image flattens one named clone, whoever owns it (first redoing copy-ups a killed flatten
+// lost), and prints plain progress lines when stdout is not a terminal.
 func TestOnceImage(t *testing.T) {
 	conn := cephtest.Connect(t)
 	ioctx := cephtest.IOContext(t, conn)
@@ -224,6 +224,7 @@ func TestOnceImage(t *testing.T) {
 	theirs, mine := cephtest.Name(t, "theirs"), node+"-c"
 	cephtest.Clone(t, ioctx, p, theirs, "someone-else")
 	cephtest.Clone(t, ioctx, p, mine, node)
+	cephtest.LoseCopyup(t, ioctx, theirs, 3) // as if an `rbd flatten` had been killed: once --image repairs it
 	code, out := runCmd(t, time.Minute, "once", "--config", nodeConfig(t, node, cephtest.Name(t, "lock"), ""),
 		"--image", cephtest.Pool+"/"+theirs)
 	if code != 0 || !strings.Contains(out, cephtest.Pool+"/"+theirs+": 100% (8/8 objects)") {

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The recipe of the known issue in docs/operations.md ("Known issues"): a flatten resumed by a
-# new process after the previous flattening process was killed with -9 mid-flatten sometimes (about
-# one run in four or five on the development cluster) ends with one 64 KiB object written as zeros,
-# at a different object each time. Run it several times; each run uses a new pool.
+# Kill-and-resume recipe (docs/operations.md, "Interrupted flattens"): `flattend once` is killed
+# with -9 mid-flatten, then the flatten is resumed. On Ceph Pacific a plain librbd resume loses the
+# object whose copy-up was in flight in about one run in three or four (it reads as zeros);
+# flattend repairs the clone first. RESUME=rbd resumes with `rbd flatten` instead, to see the raw
+# librbd behaviour. Run it several times; each run uses a new pool.
 #
 #   bash test/run.sh bash test/known-issues/resume-after-kill.sh     # own throwaway cluster
 #
-# Needs CEPH_CONF (test/run.sh sets it) and bin/flattend (make build). Exits 1 when it reproduces.
+# Needs CEPH_CONF (test/run.sh sets it) and bin/flattend (make build). Exits 1 when an object
+# was lost.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 bin=${FLATTEND_BIN:-$here/bin/flattend}
@@ -40,11 +42,16 @@ sleep 1.5
 kill -9 $! || true
 wait 2>/dev/null || true
 echo "first run killed after: $(grep -c 'flatten progress' "$work/first.log") progress lines"
-"$bin" once --config "$work/c.yaml" >"$work/second.log" 2>&1
+if [[ ${RESUME:-flattend} == rbd ]]; then
+	rbd flatten --no-progress $pool/clone
+else
+	"$bin" once --config "$work/c.yaml" >"$work/second.log" 2>&1
+	grep -o '"objects_copied_up":\[[0-9,]*\]' "$work/second.log" || true
+fi
 rbd export $pool/clone "$work/clone.raw" >/dev/null 2>&1
 bad=$( (cmp -l "$work/parent.raw" "$work/clone.raw" || true) | awk '{print int(($1-1)/65536)}' | uniq | head -5 | tr '\n' ' ')
 if [[ -n $bad ]]; then
-	echo "REPRODUCED: objects reading differently from the parent: $bad"
+	echo "LOST: objects reading differently from the parent: $bad"
 	exit 1
 fi
-echo "not reproduced: the resumed clone equals its parent"
+echo "ok: the resumed clone equals its parent"

@@ -28,7 +28,7 @@ test: build ## the whole suite, unit and integration, against throwaway local Ce
 	FLATTEND_TEST_AUTH=cephx bash test/run.sh $(GO) test $(GOFLAGS_TAGS) -count=1 -timeout 40m ./internal/... ./test/...
 
 unit: ## pure-logic tests only (no cluster)
-	$(GO) test $(GOFLAGS_TAGS) -count=1 ./internal/config ./internal/scheduler
+	$(GO) test $(GOFLAGS_TAGS) -count=1 ./internal/config ./internal/scheduler ./internal/gate
 
 lint: build
 	bash test/verify-unit.sh

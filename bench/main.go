@@ -1,12 +1,21 @@
-// Command bench measures flattend against its reference on the throwaway test cluster:
-// `flattend once` vs `rbd flatten` on twin clones of one parent, in alternating order (AB BA …),
-// and prints a table and bench/results/flatten.json. Run it with `make bench`.
+// Command bench measures flattend on the throwaway test cluster and prints a table and a JSON
+// file in bench/results for each bench. Run it with `make bench`; -benches picks some of them.
+//
+//	flatten    `flattend once` vs `rbd flatten` on twin clones of one parent, alternating order
+//	           (AB BA …): flatten.json
+//	discovery  discovery vs `rbd ls -l` over a pool of many images (bench/discovery.go): discovery.json
+//	lock       3 `flattend once` processes × 12 small clones: handover gap, makespan vs the same
+//	           flattens alone, `rbd flatten` in a loop, the mgr queue and a fixed-tick lock
+//	           (bench/lockbench.go): lock.json, timeline.svg, timeline-fixed-tick*.svg
+//	fleet      50 (and 10) simulated nodes on their own RADOS connections contending for the lock:
+//	           gap, fairness, lock attempts and OSD ops per handover (bench/fleet.go): fleet.json
+//	throttle   flatten.concurrent_ops vs a client's write latency, and librbd QoS vs flatten
+//	           (bench/throttle.go): throttle.json
 package main
 
 import (
 	"bufio"
 	"bytes"
-	"crypto/rand"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -15,6 +24,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/ceph/go-ceph/rados"
@@ -46,14 +57,48 @@ type report struct {
 	FlattenRatioMedian  float64 `json:"flatten_ratio_median"`
 }
 
+var allBenches = []string{"discovery", "flatten", "resume", "lock", "fleet", "throttle"}
+
 func main() {
-	mib := flag.Int("mib", 256, "clone size in MiB")
-	pairs := flag.Int("pairs", 6, "twin-clone pairs (alternating order)")
+	benches := flag.String("benches", strings.Join(allBenches, ","), "comma-separated benches to run: "+strings.Join(allBenches, ", "))
+	mib := flag.Int("mib", 256, "flatten bench: clone size in MiB")
+	pairs := flag.Int("pairs", 6, "flatten bench: twin-clone pairs (alternating order)")
 	bin := flag.String("flattend", "bin/flattend", "flattend binary")
 	out := flag.String("out", "bench/results", "directory for the JSON results")
 	discImages := flag.Int("discovery-images", 2000, "images in the discovery bench's pool (0: skip it)")
-	discOnly := flag.Bool("discovery-only", false, "run only the discovery bench (bench/discovery.go)")
+	discOnly := flag.Bool("discovery-only", false, "run only the discovery bench (same as -benches discovery)")
+	lockNodes := flag.Int("lock-nodes", 3, "lock bench: flattend processes")
+	lockClones := flag.Int("lock-clones", 12, "lock bench: clones per node")
+	lockMiB := flag.Int("lock-mib", 32, "lock bench: clone size in MiB")
+	lockRounds := flag.Int("lock-rounds", 2, "lock bench: rounds (variants in rotating order)")
+	lockTick := flag.Duration("lock-tick", 2*time.Second, "lock bench: the fixed-tick baseline's polling interval")
+	lockVariants := flag.String("lock-variants", "flattend,alone,rbd-cli,mgr,fixed-tick,fixed-tick-yield", "lock bench: variants")
+	fleetSizes := flag.String("fleet-nodes", "10,50", "fleet bench: fleet sizes (simulated nodes) to run")
+	fleetHandovers := flag.Int("fleet-handovers", 200, "fleet bench: handovers per fleet size (about)")
+	fleetHold := flag.Duration("fleet-hold", 100*time.Millisecond, "fleet bench: how long each turn holds the lock")
+	fleetBoMin := flag.Duration("fleet-backoff-min", 2*time.Second, "fleet bench: fallback backoff min (flattend's default)")
+	fleetBoMax := flag.Duration("fleet-backoff-max", 2*time.Minute, "fleet bench: fallback backoff max (flattend's default)")
+	thrMiB := flag.Int("throttle-mib", 512, "throttle bench: clone size in MiB")
+	thrOps := flag.String("throttle-ops", "1,2,4,10,32", "throttle bench: concurrent_ops values")
+	thrRounds := flag.Int("throttle-rounds", 2, "throttle bench: rounds (settings in rotating order)")
+	thrBase := flag.Duration("throttle-baseline", 5*time.Second, "throttle bench: how long the client runs alone for its baseline")
+	resMiB := flag.Int("resume-mib", 512, "resume bench: clone size in MiB")
+	resRounds := flag.Int("resume-rounds", 4, "resume bench: rounds (fresh and halved twins, alternating order)")
+	thrQoS := flag.Int("throttle-qos-mib", 32, "throttle bench: QoS limit to try on a flatten, MiB/s (0: skip)")
 	flag.Parse()
+	run := map[string]bool{}
+	for _, b := range strings.Split(*benches, ",") {
+		if b = strings.TrimSpace(b); b == "" {
+			continue
+		}
+		if !slices.Contains(allBenches, b) {
+			fail("unknown bench %q: use %s", b, strings.Join(allBenches, ", "))
+		}
+		run[b] = true
+	}
+	if *discOnly {
+		run = map[string]bool{"discovery": true}
+	}
 	conf := os.Getenv("CEPH_CONF")
 	if conf == "" {
 		fail("CEPH_CONF is not set: run through `make bench` (test/run.sh starts a cluster)")
@@ -63,12 +108,54 @@ func main() {
 	check(conn.ReadConfigFile(conf))
 	check(conn.Connect())
 	defer conn.Shutdown()
+	start := time.Now()
+	step := func(name string, f func()) {
+		if !run[name] {
+			return
+		}
+		t := time.Now()
+		fmt.Printf("\n==== bench %s\n", name)
+		f()
+		fmt.Printf("==== bench %s took %s (%s in all)\n", name, time.Since(t).Round(time.Second), time.Since(start).Round(time.Second))
+	}
 	if *discImages > 0 {
-		benchDiscovery(conn, *discImages, *discImages*3/20, 5, *out)
+		step("discovery", func() { benchDiscovery(conn, *discImages, *discImages*3/20, 5, *out) })
 	}
-	if *discOnly {
-		return
+	step("flatten", func() { benchFlatten(conn, conf, *bin, *out, *mib, *pairs) })
+	step("resume", func() {
+		waitForRoom(float64(*resMiB)/1024*3 + 1)
+		benchResume(conf, *out, *resMiB, *resRounds)
+	})
+	step("lock", func() {
+		waitForRoom(3)
+		benchLock(conn, *bin, *out, *lockNodes, *lockClones, *lockMiB, *lockRounds, *lockTick, strings.Split(*lockVariants, ","))
+	})
+	step("fleet", func() {
+		benchFleet(conn, *out, ints(*fleetSizes), *fleetHandovers, *fleetHold, *fleetBoMin, *fleetBoMax)
+	})
+	step("throttle", func() {
+		waitForRoom(float64(*thrMiB)/1024*3 + 1)
+		benchThrottle(conn, *out, *thrMiB, ints(*thrOps), *thrRounds, *thrBase, *thrQoS)
+	})
+}
+
+func ints(s string) []int {
+	var xs []int
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		n, err := strconv.Atoi(f)
+		if err != nil || n < 1 {
+			fail("%q: want positive integers separated by commas", s)
+		}
+		xs = append(xs, n)
 	}
+	return xs
+}
+
+// benchFlatten: `flattend once` vs `rbd flatten` on twin clones, alternating order.
+func benchFlatten(conn *rados.Conn, conf, bin, out string, mib, pairs int) {
 	cmd, _ := json.Marshal(map[string]any{"prefix": "osd pool create", "pool": pool, "pg_num": 8})
 	if _, s, err := conn.MonCommand(cmd); err != nil {
 		fail("creating pool: %v %s", err, s)
@@ -79,13 +166,13 @@ func main() {
 	check(rbd.PoolInit(ioctx, false))
 
 	parent := fmt.Sprintf("parent-%d", time.Now().UnixNano())
-	makeParent(ioctx, parent, uint64(*mib)<<20)
+	makeParent(ioctx, parent, uint64(mib)<<20)
 	dir, err := os.MkdirTemp("", "flattend-bench")
 	check(err)
 	defer os.RemoveAll(dir)
 
-	rep := report{When: time.Now().UTC(), CloneMiB: *mib, ConcurrentOps: 10}
-	for i := range *pairs {
+	rep := report{When: time.Now().UTC(), CloneMiB: mib, ConcurrentOps: 10}
+	for i := range pairs {
 		node := fmt.Sprintf("bench-%d-%d", time.Now().Unix(), i)
 		a, b := node+"-flattend", node+"-rbd"
 		for _, c := range []string{a, b} {
@@ -109,7 +196,7 @@ discovery: {pools: [{pool: %s}]}
 		p := pair{Round: i, FlattendFirst: i%2 == 0}
 		runFlattend := func() {
 			start := time.Now()
-			c := exec.Command(*bin, "once", "--config", cfg)
+			c := exec.Command(bin, "once", "--config", cfg)
 			var logb bytes.Buffer
 			c.Stderr = &logb
 			if err := c.Run(); err != nil {
@@ -139,6 +226,7 @@ discovery: {pools: [{pool: %s}]}
 		p.ProcessRatio = p.FlattendProcS / p.RbdProcS
 		p.FlattenRatio = p.FlattendFlatS / p.RbdProcS
 		rep.Pairs = append(rep.Pairs, p)
+		removeImages(ioctx, []string{a, b}) // memstore: keep the cluster's memory for the later benches
 	}
 	var pr, fr []float64
 	for _, p := range rep.Pairs {
@@ -148,7 +236,7 @@ discovery: {pools: [{pool: %s}]}
 	rep.ProcessRatioGeomean, rep.ProcessRatioMedian = geomean(pr), median(pr)
 	rep.FlattenRatioGeomean, rep.FlattenRatioMedian = geomean(fr), median(fr)
 
-	fmt.Printf("flatten of a %d MiB clone, concurrent_ops %d: flattend once vs rbd flatten on twin clones\n", *mib, rep.ConcurrentOps)
+	fmt.Printf("flatten of a %d MiB clone, concurrent_ops %d: flattend once vs rbd flatten on twin clones\n", mib, rep.ConcurrentOps)
 	fmt.Printf("%5s %6s %14s %14s %12s %9s %9s\n", "round", "first", "flattend proc", "flattend flat", "rbd flatten", "ratio(p)", "ratio(f)")
 	for _, p := range rep.Pairs {
 		first := "rbd"
@@ -160,9 +248,9 @@ discovery: {pools: [{pool: %s}]}
 	fmt.Printf("ratio flattend÷rbd, whole process: geomean %.3f median %.3f\n", rep.ProcessRatioGeomean, rep.ProcessRatioMedian)
 	fmt.Printf("ratio flattend÷rbd, flatten alone: geomean %.3f median %.3f\n", rep.FlattenRatioGeomean, rep.FlattenRatioMedian)
 
-	check(os.MkdirAll(*out, 0o755))
+	check(os.MkdirAll(out, 0o755))
 	js, _ := json.MarshalIndent(rep, "", "  ")
-	path := filepath.Join(*out, "flatten.json")
+	path := filepath.Join(out, "flatten.json")
 	check(os.WriteFile(path, append(js, '\n'), 0o644))
 	fmt.Println("wrote", path)
 }
@@ -182,22 +270,10 @@ func flattenFromLog(b []byte) (secs float64, result string) {
 	return 0, ""
 }
 
+// makeParent writes size bytes of random data into a new image of 4 MiB objects, snapshots it
+// as "s" and protects the snapshot.
 func makeParent(ioctx *rados.IOContext, name string, size uint64) {
-	opts := rbd.NewRbdImageOptions()
-	defer opts.Destroy()
-	check(rbd.CreateImage(ioctx, name, size, opts))
-	img, err := rbd.OpenImage(ioctx, name, rbd.NoSnapshot)
-	check(err)
-	defer img.Close()
-	buf := make([]byte, 4<<20)
-	for off := uint64(0); off < size; off += uint64(len(buf)) {
-		_, _ = rand.Read(buf)
-		_, err := img.WriteAt(buf[:min(uint64(len(buf)), size-off)], int64(off))
-		check(err)
-	}
-	snap, err := img.CreateSnapshot("s")
-	check(err)
-	check(snap.Protect())
+	makeParentObj(ioctx, name, size, 22)
 }
 
 func geomean(xs []float64) float64 {

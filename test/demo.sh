@@ -45,13 +45,29 @@ lock: {pool: rbd, image: flattend-lock}
 backoff: {min: 200ms, max: 2s}
 flatten: {concurrent_ops: 2}
 discovery: {pools: [{pool: vms}]}
-log: {level: info, format: console}
+log: {level: debug, format: json}
 CONF
 done
+# The JSON log of each node is kept for the timeline; the screen shows a readable digest of it.
+show() {
+	python3 -u -c '
+import json, sys
+node = sys.argv[1]
+keep = {"flatten started", "flatten finished", "pass done", "lock acquired", "lock released"}
+for line in sys.stdin:
+    try:
+        e = json.loads(line)
+    except ValueError:
+        continue
+    msg = e.get("msg", "")
+    if msg not in keep and not (msg == "flatten progress" and e.get("percent") == 50):
+        continue
+    extra = " ".join("%s=%s" % (k, e[k]) for k in ("image", "percent", "result", "duration", "lock", "flattened") if k in e)
+    print("[%s] %s %-16s %s" % (node, e.get("ts", "")[11:23], msg, extra), flush=True)
+' "$1"
+}
 for n in h1 h2 h3; do
-	("$bin" once --config "$dir/$n.yaml" 2>&1 |
-		grep --line-buffered -E 'flatten (started|finished)|"percent": 50|pass done' |
-		sed -u -E "s/^[0-9T:.-]+Z?\t//; s/^/[$n] /") &
+	("$bin" once --config "$dir/$n.yaml" 2>&1 >/dev/null | tee "$dir/$n.log" | show "$n") &
 	pids+=($!)
 done
 status=0
@@ -69,5 +85,14 @@ for n in h1 h2 h3; do
 		fi
 	done
 done
+
+say "timeline"
+svg=$here/../bench/results/demo-timeline.svg
+if command -v "${GO:-go}" >/dev/null 2>&1 &&
+	(cd "$here/.." && "${GO:-go}" run ./bench/cmd/timeline -title "make demo: three nodes taking turns on the lock" -o "$svg" "$dir"/h1.log "$dir"/h2.log "$dir"/h3.log >/dev/null); then
+	echo "who flattened what, when: $(cd "$(dirname "$svg")" && pwd)/$(basename "$svg") (open it in a browser)"
+else
+	echo "no timeline: Go not found (the logs were in $dir)"
+fi
 [[ $status == 0 ]] && echo "demo: all six clones flattened, one at a time" || echo "demo: something was left, see above"
 exit $status

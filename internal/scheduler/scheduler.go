@@ -380,7 +380,7 @@ func (s *Scheduler) work(ctx context.Context, clones []discovery.Clone, sum Summ
 		default:
 			r := s.retries[c.Spec()]
 			r.failures++
-			wait := min(s.cfg.RetryAfter<<min(r.failures-1, 16), maxRetryAfter)
+			wait := s.retryAfter(r.failures)
 			r.next = time.Now().Add(wait)
 			s.retries[c.Spec()] = r
 			s.log.Error("flatten failed", zap.String("image", c.Spec()), zap.Int("failures", r.failures),
@@ -416,6 +416,12 @@ func (s *Scheduler) stopReason() string {
 		s.log.Info("no more flattens in this window", zap.String("reason", reason))
 	}
 	return reason
+}
+
+// retryAfter is the wait after a clone's nth consecutive failure: RetryAfter, doubled per
+// further failure, at most a day.
+func (s *Scheduler) retryAfter(failures int) time.Duration {
+	return min(s.cfg.RetryAfter<<min(failures-1, 16), maxRetryAfter)
 }
 
 func (s *Scheduler) tooLate() bool {

@@ -88,7 +88,7 @@ func TestSpaceGateRefuses(t *testing.T) {
 // flatten of theirs runs at the same time and nearfull blocks no I/O).
 func TestHealthGateAbortsRunningFlatten(t *testing.T) {
 	conn := cephtest.Connect(t)
-	n := newSlowNode(t, conn, 128)
+	n := newSlowNode(t, conn, 256) // 4096 objects one at a time: many seconds, even on an idle machine
 	conf := nodeConfig(t, n.node, n.lockImage, "flatten: {concurrent_ops: 1}\ngates: {check_interval: 1s}\n")
 	pr := start(t, "once", "--config", conf)
 	pr.waitFor(t, time.Minute, "flatten progress", func(e event) bool { return e.Msg == "flatten progress" })
@@ -131,7 +131,7 @@ func TestHealthGateAbortsRunningFlatten(t *testing.T) {
 func TestWindowEnd(t *testing.T) {
 	conn := cephtest.Connect(t)
 	late := newSlowNode(t, conn, 16)
-	ending := newSlowNode(t, conn, 256) // far more than 15 s of copying
+	ending := newSlowNode(t, conn, 256) // 4096 objects one at a time: well over 6 s of copying
 	now := time.Now()
 	opened := now.Truncate(time.Minute)
 	window := func(left time.Duration) string {
@@ -139,7 +139,7 @@ func TestWindowEnd(t *testing.T) {
 			now.Sub(opened)+left)
 	}
 	lateRun := start(t, "run", "--config", nodeConfig(t, late.node, late.lockImage, window(40*time.Second)+"flatten: {min_time_left: 1m}\n"))
-	endingRun := start(t, "run", "--config", nodeConfig(t, ending.node, ending.lockImage, window(15*time.Second)+"flatten: {concurrent_ops: 1, min_time_left: 5s}\n"))
+	endingRun := start(t, "run", "--config", nodeConfig(t, ending.node, ending.lockImage, window(6*time.Second)+"flatten: {concurrent_ops: 1, min_time_left: 1s}\n"))
 
 	lateRun.waitFor(t, 30*time.Second, "refusal to start", func(e event) bool { return e.Msg == "no more flattens in this window" })
 	endingRun.waitFor(t, time.Minute, "the window's end", func(e event) bool { return e.Msg == "window ended" })

@@ -88,11 +88,13 @@ done
 
 say "timeline"
 svg=$here/../bench/results/demo-timeline.svg
-if command -v "${GO:-go}" >/dev/null 2>&1 &&
+if ! command -v "${GO:-go}" >/dev/null 2>&1; then
+	echo "no timeline: Go not found"
+elif mkdir -p "$(dirname "$svg")" &&
 	(cd "$here/.." && "${GO:-go}" run ./bench/cmd/timeline -title "make demo: three nodes taking turns on the lock" -o "$svg" "$dir"/h1.log "$dir"/h2.log "$dir"/h3.log >/dev/null); then
 	echo "who flattened what, when: $(cd "$(dirname "$svg")" && pwd)/$(basename "$svg") (open it in a browser)"
 else
-	echo "no timeline: Go not found (the logs were in $dir)"
+	echo "no timeline: drawing it failed (see above)"
 fi
 [[ $status == 0 ]] && echo "demo: all six clones flattened, one at a time" || echo "demo: something was left, see above"
 exit $status

@@ -201,6 +201,7 @@ func (s *Scheduler) Run(ctx context.Context) error {
 // new config does not interrupt a flatten it still allows (and closes the window at once if it
 // does not).
 func (s *Scheduler) followWindowReloads(ctx context.Context, closer *time.Timer, closeWindow context.CancelCauseFunc) {
+	var seen *reload
 	for {
 		select {
 		case <-ctx.Done():
@@ -208,20 +209,13 @@ func (s *Scheduler) followWindowReloads(ctx context.Context, closer *time.Timer,
 		case <-s.reloaded:
 		}
 		s.reloadMu.Lock()
-		var w *Window
-		if s.pending != nil {
-			w = &s.pending.cfg.Window
-		}
+		p := s.pending
 		s.reloadMu.Unlock()
-		if w == nil {
-			continue
+		if p == nil || p == seen {
+			continue // applied already, or this one was followed before
 		}
-		// Let the next Run iteration see this reload as well.
-		select {
-		case s.reloaded <- struct{}{}:
-		default:
-		}
-		open, end := w.At(time.Now())
+		seen = p
+		open, end := p.cfg.Window.At(time.Now())
 		if !open {
 			closeWindow(ErrWindowClosed)
 			return
@@ -229,14 +223,6 @@ func (s *Scheduler) followWindowReloads(ctx context.Context, closer *time.Timer,
 		s.windowEnd.Store(end.UnixNano())
 		closer.Reset(time.Until(end))
 		s.log.Info("window end moved by the new configuration", zap.Time("until", end))
-		// Wait for the next reload only after this one was applied, not to spin on our own signal.
-		for s.hasPendingReload() {
-			select {
-			case <-ctx.Done():
-				return
-			case <-time.After(100 * time.Millisecond):
-			}
-		}
 	}
 }
 
@@ -250,12 +236,6 @@ func (s *Scheduler) Reload(cfg Config, sources []discovery.Source) {
 	case s.reloaded <- struct{}{}:
 	default:
 	}
-}
-
-func (s *Scheduler) hasPendingReload() bool {
-	s.reloadMu.Lock()
-	defer s.reloadMu.Unlock()
-	return s.pending != nil
 }
 
 // applyReload installs a pending configuration; call it only where no lease is held.

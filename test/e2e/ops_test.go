@@ -239,3 +239,41 @@ func TestOnceImage(t *testing.T) {
 		t.Errorf("once --image with a bad name: exit %d\n%s", code, out)
 	}
 }
+
+// A reload during a flatten (new log level, gates, a longer window) applies without dropping the
+// lock: the flatten that was running finishes in one go.
+func TestReloadKeepsRunningFlatten(t *testing.T) {
+	n := newSlowNode(t, cephtest.Connect(t), 128)
+	pr := start(t, "run", "--config", n.conf)
+	pr.waitFor(t, time.Minute, "flatten progress", func(e event) bool { return e.Msg == "flatten progress" })
+	b, err := os.ReadFile(n.conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	changed := strings.Replace(string(b), `duration: 1h}`, `duration: 2h}`, 1) + "gates: {check_interval: 2s}\n"
+	changed = strings.Replace(changed, "level: debug", "level: info", 1)
+	if err := os.WriteFile(n.conf, []byte(changed), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := pr.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	acc := pr.waitFor(t, 10*time.Second, "accepted reload", func(e event) bool { return e.Msg == "configuration reload accepted; it applies between two flattens" })
+	fin := pr.waitFor(t, 2*time.Minute, "flatten finished", func(e event) bool { return e.Msg == "flatten finished" })
+	if !acc.TS.Before(fin.TS) {
+		t.Fatal("the flatten ended before the reload: make the clone slower")
+	}
+	if fin.Result != "flat" {
+		t.Errorf("the flatten running during the reload ended %q (%s), want flat", fin.Result, fin.Error)
+	}
+	if got := count(pr.events(t), "flatten started"); got != 1 {
+		t.Errorf("%d flattens started, want 1: the reload interrupted the running one", got)
+	}
+	if err := pr.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if code := pr.wait(t, 20*time.Second); code != 0 {
+		t.Errorf("exit %d on SIGTERM", code)
+	}
+	cephtest.AssertFlatAndIntact(t, n.ioctx, n.parent, n.clone)
+}

@@ -14,7 +14,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"math/rand/v2"
 	"slices"
 	"sync"
 	"time"
@@ -22,6 +21,7 @@ import (
 	"github.com/ceph/go-ceph/rados"
 
 	"github.com/flattend/flattend/internal/lock"
+	"github.com/flattend/flattend/internal/scheduler"
 )
 
 const fleetPool = "bench-fleet"
@@ -189,7 +189,7 @@ func fleetRunOnce(nodes, turns int, hold, boMin, boMax time.Duration) fleetRun {
 				mu.Lock()
 				waiting[i] = wantAt
 				mu.Unlock()
-				bo := backoff{min: boMin, max: boMax}
+				bo := scheduler.Backoff{Min: boMin, Max: boMax}
 				var lease *lock.Lease
 				how := "first try" // what the successful TryLock followed
 				for lease == nil {
@@ -319,20 +319,4 @@ func waitWake(ctx context.Context, wake <-chan struct{}, d time.Duration) (strin
 	case <-ctx.Done():
 		return "", ctx.Err()
 	}
-}
-
-// backoff is the scheduler's (internal/scheduler.Backoff): jittered exponential, each wait
-// uniform in [d/2, d], d doubling from min to max.
-type backoff struct {
-	min, max, cur time.Duration
-}
-
-func (b *backoff) Next() time.Duration {
-	if b.cur < b.min {
-		b.cur = b.min
-	}
-	d := b.cur
-	b.cur = min(b.cur*2, b.max)
-	half := d / 2
-	return half + rand.N(d-half+1)
 }

@@ -45,19 +45,6 @@ func flatten(t *testing.T, ioctx *rados.IOContext, name string) {
 	}
 }
 
-// cloneV2 clones across namespaces, which needs clone format 2 (the test cluster defaults to 1).
-func cloneV2(t *testing.T, pioctx *rados.IOContext, p cephtest.Parent, cioctx *rados.IOContext, name string) {
-	t.Helper()
-	opts := rbd.NewRbdImageOptions()
-	defer opts.Destroy()
-	if err := opts.SetUint64(rbd.ImageOptionCloneFormat, 2); err != nil {
-		t.Fatal(err)
-	}
-	if err := rbd.CloneImage(pioctx, p.Name, p.Snap, cioctx, name, opts); err != nil {
-		t.Fatalf("clone %s@%s to %s: %v", p.Name, p.Snap, name, err)
-	}
-}
-
 // namespace creates a fresh RBD namespace in the test pool and returns an I/O context on it.
 func namespace(t *testing.T, conn *rados.Conn, ioctx *rados.IOContext, name string) *rados.IOContext {
 	t.Helper()
@@ -220,9 +207,9 @@ func newScenario(t *testing.T, conn *rados.Conn, ioctx *rados.IOContext) scenari
 	d2 := cephtest.MakeParent(t, ioctx, sc.vmdisk2, 4<<20, 22)
 	cephtest.Clone(t, ioctx, d2, pre+"-c2", "")
 	d2b := cephtest.SnapProtect(t, ioctx, sc.vmdisk2, "s2")
-	cloneV2(t, ioctx, d2b, nsctx, pre+"-c2b")
+	cephtest.CloneV2(t, ioctx, d2b, nsctx, pre+"-c2b")
 	d3 := cephtest.MakeParent(t, nsctx, sc.vmdisk3, 4<<20, 22)
-	cloneV2(t, nsctx, d3, ioctx, pre+"-c3")
+	cephtest.CloneV2(t, nsctx, d3, ioctx, pre+"-c3")
 	o := cephtest.MakeParent(t, ioctx, pre+"-orphan", 4<<20, 22)
 	cephtest.Clone(t, ioctx, o, pre+"-o1", "")
 

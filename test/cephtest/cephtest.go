@@ -267,6 +267,20 @@ func CloneTo(t testing.TB, pioctx *rados.IOContext, p Parent, cioctx *rados.IOCo
 	}
 }
 
+// CloneV2 is CloneTo with clone format 2, which clones across namespaces need (the test cluster's
+// default is format 1). It sets no owner.
+func CloneV2(t testing.TB, pioctx *rados.IOContext, p Parent, cioctx *rados.IOContext, name string) {
+	t.Helper()
+	opts := rbd.NewRbdImageOptions()
+	defer opts.Destroy()
+	if err := opts.SetUint64(rbd.ImageOptionCloneFormat, 2); err != nil {
+		t.Fatal(err)
+	}
+	if err := rbd.CloneImage(pioctx, p.Name, p.Snap, cioctx, name, opts); err != nil {
+		t.Fatalf("clone %s@%s to %s: %v", p.Name, p.Snap, name, err)
+	}
+}
+
 // PoolIOContext opens an I/O context on another pool, closed when the test ends.
 func PoolIOContext(t testing.TB, conn *rados.Conn, pool string) *rados.IOContext {
 	t.Helper()

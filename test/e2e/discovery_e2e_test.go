@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ceph/go-ceph/rados"
 	"github.com/ceph/go-ceph/rbd"
 
 	"github.com/flattend/flattend/test/cephtest"
@@ -40,7 +39,7 @@ func TestPlanAndOnceWithLibvirt(t *testing.T) {
 	cephtest.Clone(t, ioctx, cephtest.SnapProtect(t, ioctx, pre+"-disk1", "s1"), pre+"-c1", "")
 	cephtest.Clone(t, ioctx, cephtest.SnapProtect(t, ioctx, pre+"-c1", "s"), pre+"-c1c", "")
 	d2 := cephtest.MakeParent(t, nsctx, pre+"-disk2", 4<<20, 22)
-	cloneV2(t, nsctx, d2, ioctx, pre+"-c2")
+	cephtest.CloneV2(t, nsctx, d2, ioctx, pre+"-c2")
 	o := cephtest.MakeParent(t, ioctx, pre+"-orphan", 4<<20, 22)
 	cephtest.Clone(t, ioctx, o, pre+"-o1", "")
 	lv.Define(t, pre+"-vm1", P+"/"+pre+"-disk1")
@@ -168,18 +167,5 @@ func TestLibvirtUnreachable(t *testing.T) {
 		if code != 1 || !strings.Contains(out, sock) {
 			t.Errorf("%s: exit %d\n%s", cmd, code, out)
 		}
-	}
-}
-
-// cloneV2 clones across namespaces, which needs clone format 2 (the test cluster defaults to 1).
-func cloneV2(t *testing.T, pioctx *rados.IOContext, p cephtest.Parent, cioctx *rados.IOContext, name string) {
-	t.Helper()
-	opts := rbd.NewRbdImageOptions()
-	defer opts.Destroy()
-	if err := opts.SetUint64(rbd.ImageOptionCloneFormat, 2); err != nil {
-		t.Fatal(err)
-	}
-	if err := rbd.CloneImage(pioctx, p.Name, p.Snap, cioctx, name, opts); err != nil {
-		t.Fatalf("clone %s@%s to %s: %v", p.Name, p.Snap, name, err)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -85,7 +86,7 @@ func Find(ctx context.Context, conn *rados.Conn, sources []Source) (Found, error
 		}
 		for _, c := range f.Clones {
 			if i, ok := at[c.Spec()]; ok {
-				if first := &all.Clones[i]; first.Source != c.Source && !contains(first.AlsoBy, c.Source) {
+				if first := &all.Clones[i]; first.Source != c.Source && !slices.Contains(first.AlsoBy, c.Source) {
 					first.AlsoBy = append(first.AlsoBy, c.Source)
 				}
 				continue
@@ -111,15 +112,6 @@ func Find(ctx context.Context, conn *rados.Conn, sources []Source) (Found, error
 func Discover(ctx context.Context, conn *rados.Conn, sources []Source) ([]Clone, error) {
 	f, err := Find(ctx, conn, sources)
 	return f.Clones, err
-}
-
-func contains(xs []string, x string) bool {
-	for _, y := range xs {
-		if y == x {
-			return true
-		}
-	}
-	return false
 }
 
 // pass holds what one discovery run shares between its lookups: I/O contexts per pool and

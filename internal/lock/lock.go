@@ -134,10 +134,21 @@ func (m *Mutex) Ensure() error {
 	for i := range m.o.Slots {
 		name := SlotImage(m.o.Image, i)
 		_, err = rbd.Create2(ioctx, name, lockImageSize, rbd.FeatureLayering|rbd.FeatureExclusiveLock, 22)
-		if err != nil && !errors.Is(err, rbd.ErrExist) && !cephconn.IsErrno(err, syscall.EEXIST) {
+		exists := errors.Is(err, rbd.ErrExist) || cephconn.IsErrno(err, syscall.EEXIST)
+		if err != nil && !exists {
 			return fmt.Errorf("creating lock image %s/%s: %w", m.o.Pool, name, cephconn.WithHint(err))
 		}
-		if err := checkImage(ioctx, m.o.Pool, name); err != nil {
+		err = checkImage(ioctx, m.o.Pool, name)
+		// librbd's create claims the name first and writes the header after: a node whose create
+		// lost that race can find the header missing for a few milliseconds.
+		for wait := 20 * time.Millisecond; exists && isNotFound(err) && wait <= headerWait; wait *= 2 {
+			time.Sleep(wait)
+			err = checkImage(ioctx, m.o.Pool, name)
+		}
+		if exists && isNotFound(err) {
+			return fmt.Errorf("%w: the name is taken but the image has no header; a create was killed half-way? (rbd rm %s/%s)", err, m.o.Pool, name)
+		}
+		if err != nil {
 			return err
 		}
 	}
@@ -153,6 +164,12 @@ func (m *Mutex) Ensure() error {
 	}
 	return nil
 }
+
+// headerWait bounds how long Ensure waits for another node's create to finish (its doubling
+// sleeps add up to about 5 s).
+const headerWait = 5 * time.Second
+
+func isNotFound(err error) bool { return cephconn.IsErrno(err, syscall.ENOENT) }
 
 // Check verifies, without changing anything, that every slot's lock image exists and is fit: it
 // has the exclusive-lock feature, no parent, and no data.

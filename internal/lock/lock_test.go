@@ -2,7 +2,9 @@ package lock_test
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -15,36 +17,96 @@ import (
 	"github.com/flattend/flattend/test/cephtest"
 )
 
-// Many nodes starting at once all create the lock image; every one must succeed.
+// Many nodes starting at once all create the lock images; every one must succeed. The race is
+// narrow (a loser's create returns "exists" while the winner is still writing the header), so the
+// start is repeated over fresh images.
 func TestEnsureConcurrentCreate(t *testing.T) {
 	conn := cephtest.DaemonConnect(t)
 	ioctx := cephtest.IOContext(t, conn)
-	image := cephtest.Name(t, "lock")
-	const nodes = 8
-	errs := make([]error, nodes)
-	var wg sync.WaitGroup
-	for i := range nodes {
-		c := cephtest.DaemonConnect(t)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = newMutex(t, c, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second}).Ensure()
-		}()
+	const nodes, rounds, slots = 6, 10, 2
+	conns := make([]*rados.Conn, nodes)
+	for i := range conns {
+		conns[i] = cephtest.DaemonConnect(t)
 	}
-	wg.Wait()
-	for i, err := range errs {
-		if err != nil {
-			t.Errorf("node %d: %v", i, err)
+	for round := range rounds {
+		image := cephtest.Name(t, fmt.Sprintf("lock%d", round))
+		errs := make([]error, nodes)
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		for i := range nodes {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				m := newMutex(t, conns[i], lock.Options{Pool: cephtest.Pool, Image: image, Slots: slots, CheckInterval: time.Second})
+				<-start
+				errs[i] = m.Ensure()
+			}()
+		}
+		close(start)
+		wg.Wait()
+		for i, err := range errs {
+			if err != nil {
+				t.Errorf("round %d, node %d: %v", round, i, err)
+			}
+		}
+		for s := range slots {
+			img, err := rbd.OpenImageReadOnly(ioctx, lock.SlotImage(image, s), rbd.NoSnapshot)
+			if err != nil {
+				t.Fatal(err)
+			}
+			f, _ := img.GetFeatures()
+			img.Close()
+			if f&rbd.FeatureExclusiveLock == 0 {
+				t.Errorf("created lock image lacks exclusive-lock (features %#x)", f)
+			}
 		}
 	}
-	img, err := rbd.OpenImageReadOnly(ioctx, image, rbd.NoSnapshot)
-	if err != nil {
+}
+
+// halfCreate leaves what a create killed after claiming the name looks like, or what a loser of
+// a create race sees for a few milliseconds: rbd_id.<name> naming an image with no header.
+func halfCreate(t *testing.T, ioctx *rados.IOContext, name string) {
+	t.Helper()
+	id := "f1a77e4dbad"
+	b := binary.LittleEndian.AppendUint32(nil, uint32(len(id)))
+	if err := ioctx.WriteFull("rbd_id."+name, append(b, id...)); err != nil {
 		t.Fatal(err)
 	}
-	defer img.Close()
-	f, _ := img.GetFeatures()
-	if f&rbd.FeatureExclusiveLock == 0 {
-		t.Errorf("created lock image lacks exclusive-lock (features %#x)", f)
+}
+
+// A node whose create found the name taken waits for the creator to finish writing the header.
+func TestEnsureWaitsForConcurrentCreate(t *testing.T) {
+	conn := cephtest.DaemonConnect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	image := cephtest.Name(t, "lock")
+	halfCreate(t, ioctx, image)
+	errc := make(chan error, 1)
+	go func() {
+		errc <- newMutex(t, conn, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second}).Ensure()
+	}()
+	time.Sleep(300 * time.Millisecond)
+	// The "other node" finishes: here by making the image anew.
+	if err := ioctx.Delete("rbd_id." + image); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rbd.Create2(ioctx, image, 1<<20, rbd.FeatureLayering|rbd.FeatureExclusiveLock, 22); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatalf("Ensure while another create finishes: %v", err)
+	}
+}
+
+// A name claimed by a create that never finished is an error that says what to do, not a hang.
+func TestEnsureHalfCreatedImage(t *testing.T) {
+	conn := cephtest.DaemonConnect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	image := cephtest.Name(t, "lock")
+	halfCreate(t, ioctx, image)
+	t.Cleanup(func() { _ = ioctx.Delete("rbd_id." + image) })
+	err := newMutex(t, conn, lock.Options{Pool: cephtest.Pool, Image: image, CheckInterval: time.Second}).Ensure()
+	if err == nil || !strings.Contains(err.Error(), "no header") || !strings.Contains(err.Error(), "rbd rm "+cephtest.Pool+"/"+image) {
+		t.Fatalf("Ensure on a half-created lock image = %v, want an error saying how to remove it", err)
 	}
 }
 

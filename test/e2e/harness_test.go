@@ -141,12 +141,30 @@ func (p *proc) wait(t *testing.T, timeout time.Duration) int {
 	}
 	var ee *exec.ExitError
 	if errors.As(p.err, &ee) {
+		// Shown here, next to the failure, because the full logs at cleanup may be cut short.
+		t.Logf("%v exited %d; its warnings and errors:\n%s", p.cmd.Args, ee.ExitCode(), p.problems())
 		return ee.ExitCode()
 	}
 	if p.err != nil {
 		t.Fatalf("%v: %v", p.cmd.Args, p.err)
 	}
 	return 0
+}
+
+// problems returns the log lines of level warn or worse, and the lines that are not JSON.
+func (p *proc) problems() string {
+	b, _ := os.ReadFile(p.log)
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		var e event
+		if json.Unmarshal([]byte(line), &e) == nil && (e.Level == "info" || e.Level == "debug") {
+			continue
+		}
+		if line != "" && !strings.Contains(line, "% (") { // progress lines on stdout
+			out = append(out, "\t"+line)
+		}
+	}
+	return strings.Join(out, "\n")
 }
 
 // waitAllOK waits for every process to exit 0 and returns all their events.

@@ -58,6 +58,9 @@ type fleetRun struct {
 	// lock.Stats summed over the nodes, per handover.
 	AttemptsPerHandover float64 `json:"lock_attempts_per_handover"`
 	BusyPerHandover     float64 `json:"busy_trylocks_per_handover"`
+	// DeferredPerHandover: of the busy TryLocks, those answered from the queue (a node behind
+	// other live waiters) without touching the lock image.
+	DeferredPerHandover float64 `json:"deferred_polls_per_handover"`
 	NotifiesPerHandover float64 `json:"notifies_per_handover"`
 	GrantsPerHandover   float64 `json:"grants_per_handover"`
 	// OSD client ops (osd.0 perf dump "op") during the run, and net of the idle fleet's rate.
@@ -67,8 +70,9 @@ type fleetRun struct {
 	NetOpsPerHandover float64 `json:"osd_ops_per_handover_net_of_idle"`
 	// OpsPerBusyPoll: what one TryLock that finds the slot held costs the OSD (measured apart,
 	// 20 polls against a held lock); HandoverOnlyOps: ops per handover net of idle and of the
-	// fallback polls, i.e. release + notifications + the grantee's acquisition.
+	// fallback polls (full and deferred), i.e. release + notifications + the grantee's acquisition.
 	OpsPerBusyPoll     float64 `json:"osd_ops_per_busy_poll"`
+	OpsPerDeferredPoll float64 `json:"osd_ops_per_deferred_poll"` // a poll behind another waiter
 	HandoverOnlyOps    float64 `json:"osd_ops_per_handover_net_of_idle_and_polls"`
 	SetupConnectS      float64 `json:"setup_connect_s"`
 	NotFinishedTurns   int     `json:"turns_not_finished"`
@@ -95,17 +99,19 @@ func benchFleet(conn *rados.Conn, out string, sizes []int, handovers int, hold, 
 		rep.Runs = append(rep.Runs, fleetRunOnce(n, turns, hold, boMin, boMax))
 	}
 	fmt.Printf("\nfleet: simulated nodes in one process, own RADOS connection each, one slot, hold %s, backoff %s..%s\n", hold, boMin, boMax)
-	fmt.Printf("%5s %5s %9s %22s %8s %8s %8s %8s %7s %7s %7s %6s %7s %8s\n", "nodes", "turns", "handovers", "gap p50/p90/p99/max ms", "wait p50", "wait max",
-		"max/fair", "ooo/poll", "starved", "tries/h", "polls/h", "ops/h", "op/poll", "op/h-net")
+	fmt.Printf("%5s %5s %9s %22s %8s %8s %8s %8s %7s %7s %7s %7s %6s %7s %7s %8s\n", "nodes", "turns", "handovers", "gap p50/p90/p99/max ms", "wait p50", "wait max",
+		"max/fair", "ooo/poll", "starved", "tries/h", "polls/h", "defer/h", "ops/h", "op/poll", "op/dfr", "op/h-net")
 	for _, r := range rep.Runs {
-		fmt.Printf("%5d %5d %9d %22s %7.2fs %7.2fs %8.2f %8s %7d %7.2f %7.2f %6.0f %7.1f %8.1f\n", r.Nodes, r.TurnsPerNode, r.Handovers,
+		fmt.Printf("%5d %5d %9d %22s %7.2fs %7.2fs %8.2f %8s %7d %7.2f %7.2f %7.2f %6.0f %7.1f %7.1f %8.1f\n", r.Nodes, r.TurnsPerNode, r.Handovers,
 			fmt.Sprintf("%.0f/%.0f/%.0f/%.0f", r.Gap.P50MS, r.Gap.P90MS, r.Gap.P99MS, r.Gap.MaxMS), r.Wait.P50MS/1000, r.Wait.MaxMS/1000,
-			r.MaxWaitOverFair, fmt.Sprintf("%d/%d", r.OutOfOrder, r.OutOfOrderByPoll), r.Starved, r.AttemptsPerHandover, r.BusyPerHandover, r.NetOpsPerHandover, r.OpsPerBusyPoll, r.HandoverOnlyOps)
+			r.MaxWaitOverFair, fmt.Sprintf("%d/%d", r.OutOfOrder, r.OutOfOrderByPoll), r.Starved, r.AttemptsPerHandover, r.BusyPerHandover,
+			r.DeferredPerHandover, r.NetOpsPerHandover, r.OpsPerBusyPoll, r.OpsPerDeferredPoll, r.HandoverOnlyOps)
 	}
 	fmt.Println("(gap: holder's Unlock returned → next node holds the lease; max/fair: longest wait ÷ (nodes-1) × mean cycle;")
 	fmt.Println(" ooo/poll: turns taken while another node had waited longer / of them by a fallback poll; tries/h: LockAcquire calls per handover, all nodes;")
-	fmt.Println(" polls/h: of those, TryLocks that found the slot held (fallback polls); ops/h: OSD ops per handover net of the idle fleet;")
-	fmt.Println(" op/poll: OSD ops of one fallback poll; op/h-net: ops per handover without the polls)")
+	fmt.Println(" polls/h: TryLocks that found the slot held (fallback polls); defer/h: of those, answered from the queue (behind another waiter);")
+	fmt.Println(" ops/h: OSD ops per handover net of the idle fleet; op/poll, op/dfr: OSD ops of one poll by the first waiter, by one behind it;")
+	fmt.Println(" op/h-net: ops per handover without the polls)")
 	fmt.Println("wrote", writeJSON(out, "fleet.json", rep))
 }
 
@@ -158,6 +164,20 @@ func fleetRunOnce(nodes, turns int, hold, boMin, boMax time.Duration) fleetRun {
 			}
 		}
 		r.OpsPerBusyPoll = float64(osdOps()-b) / polls
+		// And one by a node queued behind node 1: answered from the queue.
+		if nodes > 2 {
+			if _, err := muts[2].TryLock(context.Background()); !errors.Is(err, lock.ErrLocked) {
+				fail("fleet: poll against a held lock: %v", err)
+			}
+			b := osdOps()
+			for range polls {
+				if _, err := muts[2].TryLock(context.Background()); !errors.Is(err, lock.ErrLocked) {
+					fail("fleet: poll behind a waiter: %v", err)
+				}
+			}
+			r.OpsPerDeferredPoll = float64(osdOps()-b) / polls
+			muts[2].StopWaiting()
+		}
 		muts[1].StopWaiting()
 		check(l.Unlock())
 		muts[0].HandedOver(context.Background())
@@ -290,8 +310,10 @@ func fleetRunOnce(nodes, turns int, hold, boMin, boMax time.Duration) fleetRun {
 	for i, m := range muts {
 		s, b := m.Stats(), statsBefore[i]
 		s.Attempts, s.Busy, s.NotifiesSent, s.Grants = s.Attempts-b.Attempts, s.Busy-b.Busy, s.NotifiesSent-b.NotifiesSent, s.Grants-b.Grants
+		s.PollsDeferred -= b.PollsDeferred
 		st.Attempts += s.Attempts
 		st.Busy += s.Busy
+		st.PollsDeferred += s.PollsDeferred
 		st.NotifiesSent += s.NotifiesSent
 		st.Grants += s.Grants
 	}
@@ -301,7 +323,8 @@ func fleetRunOnce(nodes, turns int, hold, boMin, boMax time.Duration) fleetRun {
 	r.FallbackPollsShare = float64(st.Busy) / float64(max(st.Attempts, 1))
 	r.OpsPerHandover = float64(r.OSDOps) / h
 	r.NetOpsPerHandover = (float64(r.OSDOps) - r.IdleOpsPerS*r.DurationS) / h
-	r.HandoverOnlyOps = r.NetOpsPerHandover - r.BusyPerHandover*r.OpsPerBusyPoll
+	r.DeferredPerHandover = float64(st.PollsDeferred) / h
+	r.HandoverOnlyOps = r.NetOpsPerHandover - (r.BusyPerHandover-r.DeferredPerHandover)*r.OpsPerBusyPoll - r.DeferredPerHandover*r.OpsPerDeferredPoll
 	fmt.Printf("fleet: %d nodes: %d handovers in %.1fs, gap %s; wait %s; ops/handover %.1f (net %.1f)\n",
 		nodes, r.Handovers, r.DurationS, r.Gap, r.Wait, r.OpsPerHandover, r.NetOpsPerHandover)
 	return r

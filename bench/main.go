@@ -80,6 +80,7 @@ func main() {
 	fleetBoMax := flag.Duration("fleet-backoff-max", 2*time.Minute, "fleet bench: fallback backoff max (flattend's default)")
 	thrMiB := flag.Int("throttle-mib", 512, "throttle bench: clone size in MiB")
 	thrOps := flag.String("throttle-ops", "1,2,4,10,32", "throttle bench: concurrent_ops values")
+	thrPace := flag.String("throttle-pace", "16,64", "throttle bench: flatten.max_bytes_per_second values to try, MiB/s (at concurrent_ops 10)")
 	thrRounds := flag.Int("throttle-rounds", 2, "throttle bench: rounds (settings in rotating order)")
 	thrBase := flag.Duration("throttle-baseline", 5*time.Second, "throttle bench: how long the client runs alone for its baseline")
 	resMiB := flag.Int("resume-mib", 512, "resume bench: clone size in MiB")
@@ -135,7 +136,7 @@ func main() {
 	})
 	step("throttle", func() {
 		waitForRoom(float64(*thrMiB)/1024*3 + 1)
-		benchThrottle(conn, *out, *thrMiB, ints(*thrOps), *thrRounds, *thrBase, *thrQoS)
+		benchThrottle(conn, *out, *thrMiB, ints(*thrOps), ints(*thrPace), *thrRounds, *thrBase, *thrQoS)
 	})
 }
 

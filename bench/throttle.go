@@ -26,7 +26,8 @@ const throttlePool = "bench-throttle"
 
 type throttleRun struct {
 	Round         int     `json:"round"`
-	ConcurrentOps int     `json:"concurrent_ops"` // 0: baseline, no flatten
+	ConcurrentOps int     `json:"concurrent_ops"`          // 0: baseline, no flatten
+	PaceMiB       int     `json:"max_mib_per_s,omitempty"` // flatten.max_bytes_per_second, MiB; 0: none
 	FlattenS      float64 `json:"flatten_s,omitempty"`
 	MBps          float64 `json:"flatten_mb_per_s,omitempty"`
 	Client        dist    `json:"client_write_latency"`
@@ -35,6 +36,7 @@ type throttleRun struct {
 
 type throttleSetting struct {
 	ConcurrentOps int     `json:"concurrent_ops"`
+	PaceMiB       int     `json:"max_mib_per_s,omitempty"`
 	FlattenS      float64 `json:"flatten_s_median,omitempty"`
 	MBps          float64 `json:"flatten_mb_per_s_median,omitempty"`
 	P50MS         float64 `json:"client_p50_ms_median"`
@@ -73,7 +75,10 @@ type throttleReport struct {
 	QoS         []qosRun  `json:"qos"`
 }
 
-func benchThrottle(conn *rados.Conn, out string, mib int, opsList []int, rounds int, baseline time.Duration, qosMiB int) {
+// throttleKnob is one setting: concurrent_ops, and max_bytes_per_second in MiB (0: none).
+type throttleKnob struct{ ops, pace int }
+
+func benchThrottle(conn *rados.Conn, out string, mib int, opsList, paceList []int, rounds int, baseline time.Duration, qosMiB int) {
 	ioctx := ensurePool(conn, throttlePool)
 	defer ioctx.Destroy()
 	fmt.Printf("throttle: writing a %d MiB parent and the client's image …\n", mib)
@@ -91,11 +96,17 @@ func benchThrottle(conn *rados.Conn, out string, mib int, opsList []int, rounds 
 
 	rep := throttleReport{When: time.Now().UTC(), CloneMiB: mib, ObjectMiB: 4, BaselineS: baseline.Seconds(), QoSLimitMiB: qosMiB,
 		ClientIO: fmt.Sprintf("4 KiB random writes, queue depth 1, over a %d MiB image, go-ceph Image.WriteAt", clientMiB)}
-	settings := append([]int{0}, opsList...)
+	settings := []throttleKnob{{0, 0}}
+	for _, ops := range opsList {
+		settings = append(settings, throttleKnob{ops, 0})
+	}
+	for _, pace := range paceList {
+		settings = append(settings, throttleKnob{10, pace}) // paced at flattend's default concurrent_ops
+	}
 	for r := range rounds {
 		for k := range settings {
-			ops := settings[(k+r)%len(settings)]
-			run := throttleRun{Round: r, ConcurrentOps: ops}
+			ops, pace := settings[(k+r)%len(settings)].ops, settings[(k+r)%len(settings)].pace
+			run := throttleRun{Round: r, ConcurrentOps: ops, PaceMiB: pace}
 			stop := make(chan struct{})
 			var lat []time.Duration
 			var wg sync.WaitGroup
@@ -106,11 +117,11 @@ func benchThrottle(conn *rados.Conn, out string, mib int, opsList []int, rounds 
 				time.Sleep(baseline)
 				elapsed = baseline
 			} else {
-				name := fmt.Sprintf("c-r%d-ops%d", r, ops)
+				name := fmt.Sprintf("c-r%d-ops%d-pace%d", r, ops, pace)
 				clone(ioctx, "parent", name, "")
 				fconn := dial(map[string]string{"rbd_concurrent_management_ops": strconv.Itoa(ops)})
 				t := time.Now()
-				check(flattener.Flatten(context.Background(), fconn, flattener.Target{Pool: throttlePool, Image: name}, nil))
+				check(flattener.FlattenPaced(context.Background(), fconn, flattener.Target{Pool: throttlePool, Image: name}, uint64(pace)<<20, nil))
 				elapsed = time.Since(t)
 				fconn.Shutdown()
 				run.FlattenS = elapsed.Seconds()
@@ -124,10 +135,13 @@ func benchThrottle(conn *rados.Conn, out string, mib int, opsList []int, rounds 
 			if ops > 0 {
 				label = fmt.Sprintf("ops %d", ops)
 			}
+			if pace > 0 {
+				label += fmt.Sprintf(", %d MiB/s", pace)
+			}
 			fmt.Printf("throttle: round %d %-9s flatten %6.2fs  client %s\n", r, label, run.FlattenS, run.Client)
 			rep.Runs = append(rep.Runs, run)
 			if ops > 0 {
-				removeImages(ioctx, []string{fmt.Sprintf("c-r%d-ops%d", r, ops)})
+				removeImages(ioctx, []string{fmt.Sprintf("c-r%d-ops%d-pace%d", r, ops, pace)})
 			}
 		}
 	}
@@ -137,10 +151,10 @@ func benchThrottle(conn *rados.Conn, out string, mib int, opsList []int, rounds 
 			base[r.Round] = r
 		}
 	}
-	for _, ops := range settings {
+	for _, k := range settings {
 		var fs, mb, p50, p99, r99, r50, iops []float64
 		for _, r := range rep.Runs {
-			if r.ConcurrentOps != ops {
+			if r.ConcurrentOps != k.ops || r.PaceMiB != k.pace {
 				continue
 			}
 			fs, mb, iops = append(fs, r.FlattenS), append(mb, r.MBps), append(iops, r.ClientIOPS)
@@ -148,18 +162,21 @@ func benchThrottle(conn *rados.Conn, out string, mib int, opsList []int, rounds 
 			b := base[r.Round]
 			r99, r50 = append(r99, r.Client.P99MS/b.Client.P99MS), append(r50, r.Client.P50MS/b.Client.P50MS)
 		}
-		rep.Settings = append(rep.Settings, throttleSetting{ConcurrentOps: ops, FlattenS: median(fs), MBps: median(mb),
+		rep.Settings = append(rep.Settings, throttleSetting{ConcurrentOps: k.ops, PaceMiB: k.pace, FlattenS: median(fs), MBps: median(mb),
 			P50MS: median(p50), P99MS: median(p99), P99OverBase: median(r99), P50OverBase: median(r50), IOPS: median(iops)})
 	}
 
 	fmt.Printf("\nthrottle: flatten of a %d MiB clone (4 MiB objects) vs a client's 4 KiB random writes at QD1 on another image; medians of %d round(s)\n", mib, rounds)
-	fmt.Printf("%14s %10s %9s %11s %11s %9s %9s %10s\n", "concurrent_ops", "flatten", "MB/s", "client p50", "client p99", "p50/base", "p99/base", "client IOPS")
+	fmt.Printf("%20s %10s %9s %11s %11s %9s %9s %10s\n", "concurrent_ops, cap", "flatten", "MB/s", "client p50", "client p99", "p50/base", "p99/base", "client IOPS")
 	for _, s := range rep.Settings {
 		label, ft, mbs := strconv.Itoa(s.ConcurrentOps), fmt.Sprintf("%.2fs", s.FlattenS), fmt.Sprintf("%.0f", s.MBps)
+		if s.PaceMiB > 0 {
+			label += fmt.Sprintf(", %d MiB/s", s.PaceMiB)
+		}
 		if s.ConcurrentOps == 0 {
 			label, ft, mbs = "no flatten", "-", "-"
 		}
-		fmt.Printf("%14s %10s %9s %9.2fms %9.2fms %9.2f %9.2f %10.0f\n", label, ft, mbs, s.P50MS, s.P99MS, s.P50OverBase, s.P99OverBase, s.IOPS)
+		fmt.Printf("%20s %10s %9s %9.2fms %9.2fms %9.2f %9.2f %10.0f\n", label, ft, mbs, s.P50MS, s.P99MS, s.P50OverBase, s.P99OverBase, s.IOPS)
 	}
 
 	rep.KnobCheck = knobCheck(ioctx, opsList)

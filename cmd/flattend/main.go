@@ -278,14 +278,19 @@ func withSlots(cfg *config.Config, dial func() (*rados.Conn, error), stderr io.W
 }
 
 func showStatus(cfg *config.Config, dial func() (*rados.Conn, error), asJSON bool, stdout, stderr io.Writer) int {
-	return withSlots(cfg, dial, stderr, func(_ *rados.Conn, slots []lock.SlotStatus) int {
-		return printStatus(slots, asJSON, stdout)
+	return withSlots(cfg, dial, stderr, func(conn *rados.Conn, slots []lock.SlotStatus) int {
+		waiting, err := lock.ReadQueue(conn, cfg.Lock.Pool, cfg.Lock.Image)
+		if err != nil {
+			fmt.Fprintln(stderr, err)
+			return exitFailure
+		}
+		return printStatus(slots, waiting, asJSON, stdout)
 	})
 }
 
-func printStatus(slots []lock.SlotStatus, asJSON bool, stdout io.Writer) int {
+func printStatus(slots []lock.SlotStatus, waiting []lock.Waiter, asJSON bool, stdout io.Writer) int {
 	var err error
-	r := status.Build(slots, time.Now())
+	r := status.Build(slots, waiting, time.Now())
 	if asJSON {
 		err = status.WriteJSON(stdout, r)
 	} else {
@@ -334,6 +339,7 @@ func schedulerConfig(cfg *config.Config) scheduler.Config {
 		Order:             cfg.Flatten.Order,
 		MaxPerWindow:      cfg.Flatten.MaxPerWindow,
 		MaxBytesPerWindow: uint64(cfg.Flatten.MaxBytesPerWindow),
+		MaxBytesPerSecond: uint64(cfg.Flatten.MaxBytesPerSecond),
 		RetryAfter:        cfg.Flatten.RetryAfter.D(),
 	}
 	if cfg.Cleanup.ParentSnapshots {

@@ -88,6 +88,8 @@ type Flatten struct {
 	// MaxPerWindow and MaxBytesPerWindow cap one window's work on this node; 0 = no cap.
 	MaxPerWindow      int  `yaml:"max_per_window"`
 	MaxBytesPerWindow Size `yaml:"max_bytes_per_window"`
+	// MaxBytesPerSecond paces each flatten; 0 = librbd's own pace.
+	MaxBytesPerSecond Size `yaml:"max_bytes_per_second"`
 	// RetryAfter is how long a clone whose flatten failed waits before it is tried again; it
 	// doubles with every further failure, up to a day.
 	RetryAfter Duration `yaml:"retry_after"`
@@ -180,6 +182,10 @@ func (d Duration) MarshalYAML() (any, error) { return time.Duration(d).String(),
 
 // Size is a byte count written as a whole number or with a binary unit: 500GiB, 2TiB, 64MiB.
 type Size uint64
+
+// minBytesPerSecond keeps the pause a paced flatten makes per object (4 MiB by default) short:
+// it blocks a librbd thread that the lock image's connection shares.
+const minBytesPerSecond = 1 << 20
 
 var sizeRE = regexp.MustCompile(`^(\d+)\s*(B|KiB|MiB|GiB|TiB|PiB)?$`)
 
@@ -468,6 +474,9 @@ func (c *Config) validate(places map[string]int) Errors {
 	}
 	if c.Flatten.ConcurrentOps < 1 || c.Flatten.ConcurrentOps > 1024 {
 		bad("flatten.concurrent_ops", "%d is out of range 1..1024", c.Flatten.ConcurrentOps)
+	}
+	if r := c.Flatten.MaxBytesPerSecond; r != 0 && r < minBytesPerSecond {
+		bad("flatten.max_bytes_per_second", "%d is below the minimum of 1MiB (0: no cap)", r)
 	}
 	if c.Flatten.MinTimeLeft < 0 {
 		bad("flatten.min_time_left", "must not be negative, got %s", c.Flatten.MinTimeLeft.D())

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/ceph/go-ceph/rados"
 	"github.com/ceph/go-ceph/rbd"
@@ -87,6 +88,14 @@ func Inspect(conn *rados.Conn, t Target) (Info, error) {
 // An already flat image is success. When ctx ends, librbd is told to stop (it finishes the copy-ups
 // in flight) and the error wraps ErrCancelled and context.Cause(ctx).
 func Flatten(ctx context.Context, conn *rados.Conn, t Target, progress Progress) error {
+	return FlattenPaced(ctx, conn, t, 0, progress)
+}
+
+// FlattenPaced is Flatten at no more than bytesPerSecond (0: as fast as librbd goes). librbd
+// calls the progress callback as it starts each object, and the callback holds the next object
+// back until the objects started so far fit the rate. The rate is of the walk through the image:
+// objects the parent never had, or that an interrupted flatten already copied, count too.
+func FlattenPaced(ctx context.Context, conn *rados.Conn, t Target, bytesPerSecond uint64, progress Progress) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("%s: %w: %w", t, ErrCancelled, context.Cause(ctx))
 	}
@@ -95,6 +104,14 @@ func Flatten(ctx context.Context, conn *rados.Conn, t Target, progress Progress)
 		return err
 	}
 	defer ioctx.Destroy()
+	var p *pacer
+	if bytesPerSecond > 0 {
+		size, err := objectSize(ioctx, t)
+		if err != nil {
+			return err
+		}
+		p = &pacer{start: time.Now(), perObject: time.Duration(float64(size) / float64(bytesPerSecond) * float64(time.Second))}
+	}
 
 	var objects uint64
 	stage, errno := flattenWithProgress(ioctx, t.Image, func(done, total uint64) bool {
@@ -105,7 +122,7 @@ func Flatten(ctx context.Context, conn *rados.Conn, t Target, progress Progress)
 		if progress != nil {
 			progress(done, total)
 		}
-		return true
+		return p.wait(ctx, done)
 	})
 	switch {
 	case errno == 0:
@@ -125,6 +142,49 @@ func Flatten(ctx context.Context, conn *rados.Conn, t Target, progress Progress)
 		}
 	}
 	return cephconn.WithHint(fmt.Errorf("%s: %s: %w", t, stage, errno))
+}
+
+// pacer holds a flatten to a rate: object n may start perObject × n after start.
+type pacer struct {
+	start     time.Time
+	perObject time.Duration
+}
+
+// wait returns when object n may start, or false when ctx ends first. It runs on a librbd
+// thread, which it blocks: that is what holds the next copy-up back.
+func (p *pacer) wait(ctx context.Context, n uint64) bool {
+	if p == nil {
+		return true
+	}
+	d := time.Until(p.start.Add(time.Duration(n) * p.perObject))
+	if d <= 0 {
+		return true
+	}
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// objectSize reads the size of t's RADOS objects, which flatten copies one at a time.
+func objectSize(ioctx *rados.IOContext, t Target) (uint64, error) {
+	img, err := rbd.OpenImageReadOnly(ioctx, t.Image, rbd.NoSnapshot)
+	if errors.Is(err, rbd.ErrNotFound) {
+		return 0, fmt.Errorf("%s: %w", t, ErrNotFound)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("opening %s: %w", t, err)
+	}
+	defer img.Close()
+	st, err := img.Stat()
+	if err != nil {
+		return 0, fmt.Errorf("object size of %s: %w", t, err)
+	}
+	return st.Obj_size, nil
 }
 
 // ParseTarget reads "pool/image" or "pool/namespace/image".

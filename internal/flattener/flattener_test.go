@@ -103,6 +103,51 @@ func TestFlattenCancelledHalfwayResumes(t *testing.T) {
 	t.Logf("stopped at object %d of 1024", stoppedAt.Load())
 }
 
+// flatten.max_bytes_per_second holds objects back: object n starts no earlier than n object
+// sizes' worth of the rate after the start, so the whole flatten cannot take less than that. A
+// cancel during a pause ends the flatten, which resumes later.
+func TestFlattenPaced(t *testing.T) {
+	conn := dial(t, 10)
+	ioctx := cephtest.IOContext(t, conn)
+	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 16<<20, 20) // 16 objects of 1 MiB
+	clone := cephtest.Name(t, "clone")
+	cephtest.Clone(t, ioctx, p, clone, "")
+	target := flattener.Target{Pool: cephtest.Pool, Image: clone}
+
+	// 4 MiB/s: object k may start k/4 s after the start. Cancel while the flatten waits.
+	ctx, cancel := context.WithCancel(context.Background())
+	start := time.Now()
+	var early atomic.Int64
+	err := flattener.FlattenPaced(ctx, conn, target, 4<<20, func(done, total uint64) {
+		// librbd reports an object as it sends it: object done-1 was let go by the pace.
+		if done >= 2 && time.Since(start) < time.Duration(done-1)*time.Second/4 {
+			early.Add(1)
+		}
+		if done == 7 {
+			go func() { time.Sleep(100 * time.Millisecond); cancel() }()
+		}
+	})
+	if !errors.Is(err, flattener.ErrCancelled) {
+		t.Fatalf("paced flatten cancelled mid-way = %v, want ErrCancelled", err)
+	}
+	if n := early.Load(); n > 0 {
+		t.Errorf("%d object(s) started ahead of 4 MiB/s", n)
+	}
+	if info, err := flattener.Inspect(conn, target); err != nil || info.Parent == "" {
+		t.Fatalf("after the cancel: %+v, %v; want the clone still attached", info, err)
+	}
+
+	// 16 MiB/s over 16 objects: the last starts no earlier than 14/16 s after the start.
+	start = time.Now()
+	if err := flattener.FlattenPaced(context.Background(), conn, target, 16<<20, nil); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took < 14*time.Second/16 {
+		t.Errorf("16 MiB at 16 MiB/s took %s, below the pace", took)
+	}
+	cephtest.AssertFlatAndIntact(t, ioctx, p, clone)
+}
+
 func TestFlattenMissingImage(t *testing.T) {
 	conn := dial(t, 10)
 	cephtest.IOContext(t, conn)

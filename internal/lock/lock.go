@@ -66,8 +66,11 @@ func SlotImage(image string, i int) string {
 	return image + "." + strconv.Itoa(i)
 }
 
-// HandoverObject is the RADOS object, beside the lock images, on which waiters watch for releases.
+// HandoverObject is the RADOS object, beside the lock images, whose omap queues the waiters.
 func HandoverObject(image string) string { return image + ".handover" }
+
+// WakeObject is the RADOS object that node watches for the grant of a slot.
+func WakeObject(image, node string) string { return image + ".wake." + node }
 
 // Mutex is the set of slots, on one connection.
 type Mutex struct {
@@ -94,6 +97,7 @@ type Stats struct {
 	NotifiesSent  int64
 	Grants        int64 // releases that handed the slot to a waiting node
 	WakesReceived int64 // grants received
+	PollsDeferred int64 // TryLocks answered from the queue (other waiters first), without LockAcquire
 }
 
 // New returns the mutex on the slots described by o, over conn.
@@ -155,10 +159,15 @@ func (m *Mutex) Ensure() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.hand == nil && !m.closing {
-		h, err := startHandover(m.conn, m.o.Pool, HandoverObject(m.o.Image), m.waitingSinceNow,
+		name := m.o.Node
+		if name == "" {
+			name = "client." + strconv.FormatUint(m.conn.GetInstanceID(), 10)
+		}
+		wake := WakeObject(m.o.Image, name)
+		h, err := startHandover(m.conn, m.o.Pool, HandoverObject(m.o.Image), wake, m.o.Node,
 			func() { m.count(func(s *Stats) { s.WakesReceived++ }) })
 		if err != nil {
-			return fmt.Errorf("watching %s/%s: %w", m.o.Pool, HandoverObject(m.o.Image), cephconn.WithHint(err))
+			return fmt.Errorf("watching %s/%s: %w", m.o.Pool, wake, cephconn.WithHint(err))
 		}
 		m.hand = h
 	}
@@ -228,27 +237,30 @@ func checkImage(ioctx *rados.IOContext, pool, name string) error {
 	return nil
 }
 
-func (m *Mutex) waitingSinceNow() time.Time {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.waitingSince
-}
-
-// Wait marks this node as waiting for a slot (if it was not already), so that releasing holders
-// hand it one in turn. TryLock does it by itself when it finds every slot busy.
+// Wait queues this node for a slot (if it was not already), so that releasing holders hand it
+// one in turn. TryLock does it by itself when it finds every slot busy. A failure to queue is
+// not an error: the node still polls.
 func (m *Mutex) Wait() {
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	if m.waitingSince.IsZero() {
 		m.waitingSince = time.Now()
 	}
+	h, since := m.hand, m.waitingSince
+	m.mu.Unlock()
+	if h != nil {
+		_ = h.enqueue(since)
+	}
 }
 
-// StopWaiting withdraws this node from the queue of waiters (it has nothing left to do).
+// StopWaiting takes this node out of the queue of waiters (it has a slot, or nothing left to do).
 func (m *Mutex) StopWaiting() {
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	m.waitingSince = time.Time{}
+	h := m.hand
+	m.mu.Unlock()
+	if h != nil {
+		_ = h.dequeue()
+	}
 }
 
 // HandedOver waits (until ctx ends) for the handover of this node's last release and reports
@@ -285,13 +297,25 @@ func (m *Mutex) Wake() <-chan struct{} {
 	return m.hand.wake
 }
 
-// TryLock takes a free slot and returns ErrLocked if live clients hold every slot. Slots are
-// tried from a random one so that nodes spread over them.
+// TryLock takes a free slot and returns ErrLocked if live clients hold every slot, or if this
+// node is queued behind other live waiters. Slots are tried from a random one so that nodes
+// spread over them.
 //
 // Behind a holder that died, librbd blocks until the dead client's watch times out (about 30 s),
 // then breaks its lock and blocklists it. The call runs in its own goroutine so that ctx can give
 // up on it; a lock it still obtains after that is released at once.
 func (m *Mutex) TryLock(ctx context.Context) (*Lease, error) {
+	m.mu.Lock()
+	h, since := m.hand, m.waitingSince
+	m.mu.Unlock()
+	if h != nil && !since.IsZero() {
+		// Behind other live waiters, only the queue is read: the lock images see the same few
+		// operations per handover however many nodes wait.
+		if ok, _ := h.mayPoll(m.o.Slots, since); !ok {
+			m.count(func(s *Stats) { s.Busy++; s.PollsDeferred++ })
+			return nil, ErrLocked
+		}
+	}
 	type result struct {
 		img  *rbd.Image
 		slot int

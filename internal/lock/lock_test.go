@@ -332,6 +332,125 @@ func TestReleaseWakesWaiters(t *testing.T) {
 	}
 }
 
+// Waiters are served in the order they began waiting, and a waiter behind others does not touch
+// the lock image while it waits.
+func TestQueueOrderAndDeferredPolls(t *testing.T) {
+	image := cephtest.Name(t, "queue")
+	o := lock.Options{Pool: cephtest.Pool, Image: image}
+	holder := newMutex(t, cephtest.DaemonConnect(t), o)
+	var waiters []*lock.Mutex
+	for i := range 3 {
+		o.Node = fmt.Sprintf("w%d", i)
+		waiters = append(waiters, newMutex(t, cephtest.DaemonConnect(t), o))
+	}
+	for _, m := range append([]*lock.Mutex{holder}, waiters...) {
+		if err := m.Ensure(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l, err := holder.TryLock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range waiters {
+		if _, err := w.TryLock(context.Background()); !errors.Is(err, lock.ErrLocked) {
+			t.Fatal(err)
+		}
+		time.Sleep(5 * time.Millisecond) // distinct waiting starts
+	}
+	// Polls behind the first waiter are answered from the queue.
+	for _, w := range waiters[1:] {
+		before := w.Stats()
+		if _, err := w.TryLock(context.Background()); !errors.Is(err, lock.ErrLocked) {
+			t.Fatal(err)
+		}
+		if s := w.Stats(); s.Attempts != before.Attempts || s.PollsDeferred != before.PollsDeferred+1 {
+			t.Errorf("a waiter behind another tried the lock image: before %+v, after %+v", before, s)
+		}
+	}
+	if _, err := waiters[0].TryLock(context.Background()); !errors.Is(err, lock.ErrLocked) {
+		t.Fatal(err)
+	}
+	if s := waiters[0].Stats(); s.Attempts != 2 || s.PollsDeferred != 0 {
+		t.Errorf("the first waiter must poll the lock image: %+v", s)
+	}
+	// Each release wakes the next in line, and only it.
+	for i, w := range waiters {
+		if err := l.Unlock(); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-w.Wake():
+		case <-time.After(5 * time.Second):
+			t.Fatalf("waiter %d not woken within 5 s of the release", i)
+		}
+		for j, other := range waiters {
+			if j == i {
+				continue
+			}
+			select {
+			case <-other.Wake():
+				t.Fatalf("release %d woke waiter %d too", i, j)
+			default:
+			}
+		}
+		if l, err = w.TryLock(context.Background()); err != nil {
+			t.Fatalf("woken waiter %d could not take the lock: %v", i, err)
+		}
+	}
+	_ = l.Unlock()
+}
+
+// A waiter that died while queued cannot stall the queue: a release skips it, and a poller behind
+// it drops it and polls.
+func TestDeadWaiterSkipped(t *testing.T) {
+	image := cephtest.Name(t, "dead")
+	o := lock.Options{Pool: cephtest.Pool, Image: image}
+	holder := newMutex(t, cephtest.DaemonConnect(t), o)
+	deadConn := cephtest.DaemonConnect(t)
+	dead := lock.New(deadConn, o) // never closed: it dies with its connection
+	live := newMutex(t, cephtest.DaemonConnect(t), o)
+	for _, m := range []*lock.Mutex{holder, dead, live} {
+		if err := m.Ensure(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l, err := holder.TryLock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dead.TryLock(context.Background()); !errors.Is(err, lock.ErrLocked) {
+		t.Fatal(err)
+	}
+	if _, err := live.TryLock(context.Background()); !errors.Is(err, lock.ErrLocked) {
+		t.Fatal(err)
+	}
+	deadConn.Shutdown()
+
+	// Behind the dead waiter, the live one still polls: its ping goes unanswered.
+	before := live.Stats()
+	if _, err := live.TryLock(context.Background()); !errors.Is(err, lock.ErrLocked) {
+		t.Fatal(err)
+	}
+	if s := live.Stats(); s.Attempts != before.Attempts+1 {
+		t.Errorf("behind a dead waiter, a poll must try the lock: before %+v, after %+v", before, s)
+	}
+	// The release goes to the live waiter.
+	if err := l.Unlock(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-live.Wake():
+	case <-time.After(10 * time.Second):
+		t.Fatal("live waiter not woken within 10 s of the release")
+	}
+	wl, err := live.TryLock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = wl.Unlock()
+}
+
 // The holder describes itself on the lock image; any node reads it; a record whose writer no
 // longer owns the lock reads as stale.
 func TestHolderRecordAndStatus(t *testing.T) {

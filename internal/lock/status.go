@@ -4,6 +4,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
+	"strconv"
 	"time"
 
 	"github.com/ceph/go-ceph/rados"
@@ -58,6 +61,46 @@ func ReadStatus(conn *rados.Conn, pool, image string, slots int) ([]SlotStatus, 
 		}
 		_ = img.Close()
 		out = append(out, st)
+	}
+	return out, nil
+}
+
+// Waiter is a node queued for a slot, as any node can read it.
+type Waiter struct {
+	Node  string    `json:"node"`
+	Since time.Time `json:"waiting_since"`
+}
+
+// ReadQueue lists the nodes waiting for a slot, in the order releases will serve them. A node
+// that died while waiting stays listed until its turn comes and it does not answer. It changes
+// nothing.
+func ReadQueue(conn *rados.Conn, pool, image string) ([]Waiter, error) {
+	ioctx, err := cephconn.OpenPool(conn, pool)
+	if err != nil {
+		return nil, err
+	}
+	defer ioctx.Destroy()
+	vals, err := ioctx.GetAllOmapValues(HandoverObject(image), "", queuePrefix, 256)
+	if errors.Is(err, rados.ErrNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading the queue on %s/%s: %w", pool, HandoverObject(image), cephconn.WithHint(err))
+	}
+	keys := slices.Sorted(maps.Keys(vals))
+	var out []Waiter
+	for _, k := range keys {
+		id, since, ok := parseQueueKey(k)
+		if !ok {
+			continue
+		}
+		var e queueEntry
+		_ = json.Unmarshal(vals[k], &e)
+		w := Waiter{Node: e.Node, Since: since.UTC()}
+		if w.Node == "" {
+			w.Node = "client." + strconv.FormatUint(id, 10)
+		}
+		out = append(out, w)
 	}
 	return out, nil
 }

@@ -55,6 +55,8 @@ type Config struct {
 	// MaxPerWindow and MaxBytesPerWindow cap one window's flattens on this node (0: no cap).
 	MaxPerWindow      int
 	MaxBytesPerWindow uint64
+	// MaxBytesPerSecond paces each flatten (0: librbd's own pace).
+	MaxBytesPerSecond uint64
 	// RetryAfter is how long a failed clone waits before its next try, doubled per failure.
 	RetryAfter time.Duration
 
@@ -626,7 +628,7 @@ func (s *Scheduler) flattenUnder(ctx context.Context, conn *rados.Conn, lease *l
 	s.progressAt.Store(start.UnixNano())
 	defer s.progressAt.Store(0)
 	var decile atomic.Int64
-	err = flattener.Flatten(fctx, conn, t, func(objDone, objTotal uint64) {
+	err = flattener.FlattenPaced(fctx, conn, t, s.cfg.MaxBytesPerSecond, func(objDone, objTotal uint64) {
 		s.progressAt.Store(time.Now().UnixNano())
 		lease.Progress(objDone, objTotal)
 		if s.cfg.OnProgress != nil {

@@ -25,11 +25,13 @@ type Slot struct {
 type Report struct {
 	Time  time.Time `json:"time"`
 	Slots []Slot    `json:"slots"`
+	// Waiting lists the queued nodes in the order releases serve them (never null).
+	Waiting []lock.Waiter `json:"waiting"`
 }
 
 // Build derives progress, elapsed time and ETA from the raw slot states at now.
-func Build(slots []lock.SlotStatus, now time.Time) Report {
-	r := Report{Time: now.UTC()}
+func Build(slots []lock.SlotStatus, waiting []lock.Waiter, now time.Time) Report {
+	r := Report{Time: now.UTC(), Waiting: append([]lock.Waiter{}, waiting...)}
 	for _, s := range slots {
 		out := Slot{SlotStatus: s}
 		if h := s.Holder; h != nil && !s.Stale {
@@ -92,7 +94,18 @@ func WriteText(w io.Writer, r Report) error {
 		}
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Slot, s.Image, state, node, pid, clone, pct, elapsed, eta)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if len(r.Waiting) == 0 {
+		_, err := fmt.Fprintln(w, "\nwaiting: nobody")
+		return err
+	}
+	fmt.Fprintf(w, "\nwaiting (%d, first served first):\n", len(r.Waiting))
+	for i, q := range r.Waiting {
+		fmt.Fprintf(w, "  %d. %s, for %s\n", i+1, q.Node, r.Time.Sub(q.Since).Round(time.Second))
+	}
+	return nil
 }
 
 func secs(s float64) string { return (time.Duration(s) * time.Second).Round(time.Second).String() }

@@ -226,6 +226,10 @@ func TestStatusShowsHolder(t *testing.T) {
 	}
 	pr := start(t, "once", "--config", cfg)
 	pr.waitFor(t, time.Minute, "progress to 30%", func(e event) bool { return e.Msg == "flatten progress" && e.Percent >= 30 })
+	// A second node queues behind the holder.
+	waiter := cephtest.Name(t, "waiter")
+	cephtest.Clone(t, n.ioctx, n.parent, waiter+"-c", waiter)
+	wp := start(t, "once", "--config", nodeConfig(t, waiter, lockImage, ""))
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		code, out = runCmd(t, 30*time.Second, "status", "--config", other, "--json")
@@ -233,7 +237,8 @@ func TestStatusShowsHolder(t *testing.T) {
 		if code != 0 || json.Unmarshal([]byte(out), &r) != nil {
 			t.Fatalf("status: exit %d\n%s", code, out)
 		}
-		if s := r.Slots[0]; s.Holder != nil && s.Percent != nil && *s.Percent > 0 {
+		queued := len(r.Waiting) == 1 && r.Waiting[0].Node == waiter && time.Since(r.Waiting[0].Since) < time.Minute
+		if s := r.Slots[0]; s.Holder != nil && s.Percent != nil && *s.Percent > 0 && queued {
 			if s.Holder.Node != node || s.Holder.Clone != cephtest.Pool+"/"+node+"-c" || s.Stale || s.ETASec == nil {
 				t.Fatalf("status: %s", out)
 			}
@@ -245,16 +250,19 @@ func TestStatusShowsHolder(t *testing.T) {
 		time.Sleep(300 * time.Millisecond)
 	}
 	code, text := runCmd(t, 30*time.Second, "status", "--config", other)
-	if code != 0 || !strings.Contains(text, node) || !strings.Contains(text, "held") {
+	if code != 0 || !strings.Contains(text, node) || !strings.Contains(text, "held") || !strings.Contains(text, "1. "+waiter+", for ") {
 		t.Errorf("status text: exit %d\n%s", code, text)
 	}
 	t.Logf("status while flattening:\n%s", text)
 	if code := pr.wait(t, 2*time.Minute); code != 0 {
 		t.Fatalf("once exited %d", code)
 	}
+	if code := wp.wait(t, 2*time.Minute); code != 0 {
+		t.Fatalf("waiting once exited %d", code)
+	}
 	code, out = runCmd(t, 30*time.Second, "status", "--config", other, "--json")
 	r = status.Report{}
-	if code != 0 || json.Unmarshal([]byte(out), &r) != nil || r.Slots[0].Holder != nil || r.Slots[0].Owner != "" {
+	if code != 0 || json.Unmarshal([]byte(out), &r) != nil || r.Slots[0].Holder != nil || r.Slots[0].Owner != "" || len(r.Waiting) != 0 || !strings.Contains(out, `"waiting": []`) {
 		t.Fatalf("status after release: %s", out)
 	}
 }

@@ -45,9 +45,10 @@ func daemon(ctx context.Context, cfg *config.Config, current *atomic.Pointer[con
 	defer func() { _, _ = sd.SdNotify(false, sd.SdNotifyStopping) }()
 
 	wctx, stopWatchdog := context.WithCancel(ctx)
-	watchdogDone := make(chan struct{})
+	watchdogDone, statusDone := make(chan struct{}), make(chan struct{})
 	go func() { defer close(watchdogDone); feedWatchdog(wctx, sched, log) }()
-	defer func() { stopWatchdog(); <-watchdogDone }()
+	go func() { defer close(statusDone); reportStatus(wctx, sched) }()
+	defer func() { stopWatchdog(); <-watchdogDone; <-statusDone }()
 
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
@@ -72,6 +73,25 @@ func daemon(ctx context.Context, cfg *config.Config, current *atomic.Pointer[con
 		return exitCode(err)
 	}
 	return exitOK
+}
+
+// reportStatus keeps systemd's status line (`systemctl status flattend`) on what the scheduler
+// is doing: the window, the pass, the clone being flattened and how far it got.
+func reportStatus(ctx context.Context, sched *scheduler.Scheduler) {
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	last := ""
+	for {
+		if st := sched.State(); st != last {
+			_, _ = sd.SdNotify(false, "STATUS="+st)
+			last = st
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
 
 // feedWatchdog pings systemd's watchdog (WatchdogSec= in the unit) while the daemon is alive: a

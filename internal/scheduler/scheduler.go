@@ -116,6 +116,10 @@ type Scheduler struct {
 	windowEnd atomic.Int64
 	// progressAt is when the running flatten last made progress (Unix ns; 0: none runs).
 	progressAt atomic.Int64
+	// state says what the scheduler is doing, and flatDone/flatTotal how far the running flatten
+	// got, for State.
+	state               atomic.Pointer[string]
+	flatDone, flatTotal atomic.Uint64
 
 	reloadMu sync.Mutex
 	pending  *reload
@@ -147,6 +151,25 @@ type Summary struct {
 	GateClosed bool `json:"-"`
 }
 
+// State says in one line what the scheduler is doing now (systemd's STATUS=).
+func (s *Scheduler) State() string {
+	p := s.state.Load()
+	if p == nil {
+		return "starting"
+	}
+	if s.progressAt.Load() != 0 {
+		if n := s.flatTotal.Load(); n > 0 {
+			return fmt.Sprintf("%s: %d%%", *p, 100*min(s.flatDone.Load(), n)/n)
+		}
+	}
+	return *p
+}
+
+func (s *Scheduler) setState(format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	s.state.Store(&msg)
+}
+
 // Done reports whether every discovered clone is flat now.
 func (s Summary) Done() bool { return len(s.Failed) == 0 && len(s.Skipped) == 0 && s.Left == 0 }
 
@@ -164,6 +187,7 @@ func (s *Scheduler) Run(ctx context.Context) error {
 				return fmt.Errorf("the window schedule never opens again")
 			}
 			s.log.Info("window closed", zap.Time("next_open", next))
+			s.setState("window closed; opens %s", next.Format(time.RFC3339))
 			t := time.NewTimer(time.Until(next))
 			select {
 			case <-t.C:
@@ -279,6 +303,16 @@ func (s *Scheduler) workWindow(ctx context.Context) {
 			s.log.Info("pass done", zap.Int("discovered", sum.Discovered), zap.Int("flattened", sum.Flattened),
 				zap.Int("failed", len(sum.Failed)), zap.Duration("next_pass_in", wait))
 		}
+		next := time.Now().Add(wait).Format(time.RFC3339)
+		switch {
+		case err != nil:
+			s.setState("pass failed: %v; next pass %s", err, next)
+		case sum.Stopped != "":
+			s.setState("pass stopped: %s; next pass %s", sum.Stopped, next)
+		default:
+			s.setState("pass done: %d flattened, %d failed, %d skipped, %d left; next pass %s",
+				sum.Flattened, len(sum.Failed), len(sum.Skipped), sum.Left, next)
+		}
 		if sleep(ctx, wait) != nil {
 			return
 		}
@@ -294,6 +328,7 @@ func (s *Scheduler) Pass(ctx context.Context) (Summary, error) {
 		return sum, err
 	}
 	start := time.Now()
+	s.setState("discovering clones")
 	clones, err := discovery.Discover(ctx, conn, s.sources)
 	s.cfg.Metrics.Discovered(len(clones), time.Since(start), err)
 	if err != nil {
@@ -333,6 +368,7 @@ func (s *Scheduler) work(ctx context.Context, clones []discovery.Clone, sum Summ
 			sum.Skipped = append(sum.Skipped, c.Spec()+": "+skip)
 			continue
 		}
+		s.setState("clone %d of %d, %s: waiting for a slot", i+1, len(clones), c.Spec())
 		err := s.flattenOne(ctx, c)
 		var closed *gate.Closed
 		switch {
@@ -625,11 +661,16 @@ func (s *Scheduler) flattenUnder(ctx context.Context, conn *rados.Conn, lease *l
 	log.Info("flatten started", zap.String("parent", info.Parent), zap.Uint64("bytes", info.Overlap), zap.String("lock", lease.Image()))
 	start := time.Now()
 	s.cfg.Metrics.FlattenStarted()
+	s.flatDone.Store(0)
+	s.flatTotal.Store(0)
+	s.setState("flattening %s under %s", t, lease.Image())
 	s.progressAt.Store(start.UnixNano())
 	defer s.progressAt.Store(0)
 	var decile atomic.Int64
 	err = flattener.FlattenPaced(fctx, conn, t, s.cfg.MaxBytesPerSecond, func(objDone, objTotal uint64) {
 		s.progressAt.Store(time.Now().UnixNano())
+		s.flatDone.Store(objDone)
+		s.flatTotal.Store(objTotal)
 		lease.Progress(objDone, objTotal)
 		if s.cfg.OnProgress != nil {
 			s.cfg.OnProgress(t.String(), objDone, objTotal)

@@ -91,6 +91,7 @@ func TestDaemonUnderSystemd(t *testing.T) {
 	pr.waitFor(t, time.Minute, "a pass", func(e event) bool { return e.Msg == "pass done" })
 	cephtest.AssertFlatAndIntact(t, ioctx, p, node+"-c")
 	notify.waitFor(t, "WATCHDOG=1", 5*time.Second)
+	notify.waitFor(t, "STATUS=pass done: 1 flattened, 0 failed, 0 skipped, 0 left; next pass ", 5*time.Second)
 
 	served := pr.waitFor(t, time.Second, "metrics address", func(e event) bool { return e.Msg == "serving metrics" })
 	resp, err := http.Get(served.URL)
@@ -147,6 +148,7 @@ func TestDaemonUnderSystemd(t *testing.T) {
 	pr.waitFor(t, 10*time.Second, "accepted reload", func(e event) bool { return e.Msg == "configuration reload accepted; it applies between two flattens" })
 	pr.waitFor(t, 10*time.Second, "the window closed by the reload", func(e event) bool { return e.Msg == "window closed" })
 	notify.waitFor(t, "RELOADING=1", time.Second)
+	notify.waitFor(t, "STATUS=window closed; opens ", 5*time.Second)
 
 	if err := pr.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)

@@ -92,7 +92,7 @@ type Mutex struct {
 
 // Stats counts what this Mutex asked of the cluster.
 type Stats struct {
-	Attempts      int64 // LockAcquire calls
+	Attempts      int64 // lock image tries: an owner check, and LockAcquire unless a live client owns it
 	Busy          int64 // TryLocks that found every slot busy
 	NotifiesSent  int64
 	Grants        int64 // releases that handed the slot to a waiting node
@@ -400,6 +400,12 @@ func (m *Mutex) acquire(name string) (*rbd.Image, error) {
 		return nil, fmt.Errorf("opening lock image %s: %w", spec, wrapErr(err))
 	}
 	m.count(func(s *Stats) { s.Attempts++ })
+	if heldByLiveClient(img) {
+		// Asking librbd would send the owner a lock request and wait for its answer, which a
+		// busy owner (a paced flatten blocks its librbd thread) gives only seconds later.
+		_ = img.Close()
+		return nil, ErrLocked
+	}
 	err = img.LockAcquire(rbd.LockModeExclusive)
 	if err == nil {
 		return img, nil
@@ -412,6 +418,26 @@ func (m *Mutex) acquire(name string) (*rbd.Image, error) {
 		return nil, fmt.Errorf("%s: %w (rbd feature enable %s exclusive-lock)", spec, ErrNoExclusiveLock, spec)
 	}
 	return nil, fmt.Errorf("acquiring lock on %s: %w", spec, wrapErr(err))
+}
+
+// heldByLiveClient reports whether img's lock has an owner that still watches the image: a live
+// holder. An owner without a watch is dead (its watch timed out), and only LockAcquire breaks its
+// lock; on any doubt this says no and LockAcquire decides.
+func heldByLiveClient(img *rbd.Image) bool {
+	owners, err := img.LockGetOwners()
+	if err != nil || len(owners) == 0 {
+		return false
+	}
+	watchers, err := img.ListWatchers()
+	if err != nil {
+		return false
+	}
+	for _, w := range watchers {
+		if w.Addr == owners[0].Owner {
+			return true
+		}
+	}
+	return false
 }
 
 // wrapErr marks errors that mean this connection is dead as ErrLost as well.

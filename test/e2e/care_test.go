@@ -281,3 +281,45 @@ func TestCloneEdgeCases(t *testing.T) {
 	}
 	cephtest.AssertFlatAndIntact(t, ioctx, trashed, orphan)
 }
+
+// A paced flatten holds each object back on a librbd thread that the lock's connection shares.
+// With 4 MiB objects at 1 MiB/s that thread is blocked 4 s at a time while another node keeps
+// asking for the lock: the holder must keep its lock (no loss, no fencing) and finish, and the
+// other node must get the slot after it, never during.
+func TestPacedFlattenKeepsLock(t *testing.T) {
+	conn := cephtest.Connect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 16<<20, 22) // 4 objects of 4 MiB
+	lockImage := cephtest.Name(t, "lock")
+	a, b := cephtest.Name(t, "a"), cephtest.Name(t, "b")
+	cephtest.Clone(t, ioctx, p, a+"-c", a)
+	cephtest.Clone(t, ioctx, p, b+"-c", b)
+	pa := start(t, "once", "--config", nodeConfig(t, a, lockImage, "flatten: {max_bytes_per_second: 1MiB}\n"))
+	pa.waitFor(t, time.Minute, "a's flatten start", func(e event) bool { return e.Msg == "flatten started" })
+	pb := start(t, "once", "--config", nodeConfig(t, b, lockImage, ""))
+	all := waitAllOK(t, []*proc{pa, pb}, 2*time.Minute)
+	for _, c := range []string{a + "-c", b + "-c"} {
+		cephtest.AssertFlatAndIntact(t, ioctx, p, c)
+	}
+	busy := 0
+	for _, e := range all {
+		switch {
+		case e.Node == a && (strings.Contains(e.Msg, "lock lost") || strings.Contains(e.Msg, "fenced")):
+			t.Errorf("the paced holder lost its lock: %s %s", e.Msg, e.Error)
+		case e.Node == b && e.Msg == "lock busy, backing off":
+			busy++
+		}
+
+	}
+	// b polls every second at most (backoff max 1s) during a's 12 s: its attempts must come back
+	// busy, not hang in librbd until a releases.
+	if busy < 3 {
+		t.Errorf("node b found the lock busy %d times during a 12 s flatten: its attempts hung", busy)
+	}
+	ivs := intervals(t, all, time.Time{})
+	if len(ivs) != 2 {
+		t.Fatalf("%d flattens, want 2", len(ivs))
+	}
+	assertNoOverlap(t, ivs)
+	t.Logf("paced flatten of 16 MiB at 1 MiB/s: %s; node b asked %d times meanwhile", ivs[0].to.Sub(ivs[0].from).Round(time.Millisecond), busy)
+}

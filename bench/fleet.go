@@ -108,7 +108,7 @@ func benchFleet(conn *rados.Conn, out string, sizes []int, handovers int, hold, 
 			r.DeferredPerHandover, r.NetOpsPerHandover, r.OpsPerBusyPoll, r.OpsPerDeferredPoll, r.HandoverOnlyOps)
 	}
 	fmt.Println("(gap: holder's Unlock returned → next node holds the lease; max/fair: longest wait ÷ (nodes-1) × mean cycle;")
-	fmt.Println(" ooo/poll: turns taken while another node had waited longer / of them by a fallback poll; tries/h: LockAcquire calls per handover, all nodes;")
+	fmt.Println(" ooo/poll: turns taken while another node had waited longer / of them by a fallback poll; tries/h: lock image tries per handover, all nodes;")
 	fmt.Println(" polls/h: TryLocks that found the slot held (fallback polls); defer/h: of those, answered from the queue (behind another waiter);")
 	fmt.Println(" ops/h: OSD ops per handover net of the idle fleet; op/poll, op/dfr: OSD ops of one poll by the first waiter, by one behind it;")
 	fmt.Println(" op/h-net: ops per handover without the polls)")

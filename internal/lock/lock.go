@@ -301,9 +301,11 @@ func (m *Mutex) Wake() <-chan struct{} {
 // node is queued behind other live waiters. Slots are tried from a random one so that nodes
 // spread over them.
 //
-// Behind a holder that died, librbd blocks until the dead client's watch times out (about 30 s),
-// then breaks its lock and blocklists it. The call runs in its own goroutine so that ctx can give
-// up on it; a lock it still obtains after that is released at once.
+// A slot whose owner still watches its image is busy without a lock request. Behind a holder
+// that died, the slot stays busy until the dead client's watch times out (about 30 s); then
+// LockAcquire breaks its lock and blocklists it. LockAcquire can still block (an owner that dies
+// during the call), so it runs in its own goroutine that ctx can give up on; a lock it still
+// obtains after that is released at once.
 func (m *Mutex) TryLock(ctx context.Context) (*Lease, error) {
 	m.mu.Lock()
 	h, since := m.hand, m.waitingSince

@@ -3,6 +3,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -16,6 +17,7 @@ import (
 	"time"
 
 	"github.com/ceph/go-ceph/rados"
+	"github.com/ceph/go-ceph/rbd"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
@@ -251,6 +253,14 @@ func check(cfg *config.Config, dial func() (*rados.Conn, error), stdout, stderr 
 			code = exitFailure
 			continue
 		}
+		if p.Namespace != "" {
+			if ok, err := rbd.NamespaceExists(ioctx, p.Namespace); err != nil || !ok {
+				fmt.Fprintf(stderr, "discovery: namespace %q of pool %q: %v\n", p.Namespace, p.Pool, cmp.Or(err, discovery.ErrNoNamespace))
+				code = exitFailure
+				ioctx.Destroy()
+				continue
+			}
+		}
 		ioctx.Destroy()
 		fmt.Fprintf(stdout, "discovery: pool %s ok (%s)\n", p.Pool, poolSelection(p))
 	}
@@ -356,7 +366,7 @@ func lockOptions(cfg *config.Config) lock.Options {
 func sources(cfg *config.Config) []discovery.Source {
 	var ss []discovery.Source
 	for _, p := range cfg.Discovery.Pools {
-		src := discovery.Pool{Pool: p.Pool, OwnerKey: p.OwnerKey, Shared: p.Shared, Node: cfg.Node}
+		src := discovery.Pool{Pool: p.Pool, Namespace: p.Namespace, OwnerKey: p.OwnerKey, Shared: p.Shared, Node: cfg.Node}
 		if p.Match != "" {
 			src.Match = regexp.MustCompile(p.Match) // validated by the config package
 		}

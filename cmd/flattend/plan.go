@@ -177,6 +177,9 @@ func poolSelection(p config.PoolSource) string {
 	if p.Match != "" {
 		s += fmt.Sprintf(", names matching %q", p.Match)
 	}
+	if p.Namespace != "" {
+		s += fmt.Sprintf(", namespace %q", p.Namespace)
+	}
 	return s
 }
 

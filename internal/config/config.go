@@ -124,14 +124,15 @@ type Discovery struct {
 	Interval Duration `yaml:"interval"`
 }
 
-// PoolSource selects the clones of one pool whose image-meta OwnerKey names this node or, with
-// Shared, every clone of the pool: a backlog any node works on while it holds the lock. Match,
-// when set, is a regexp the image name must match.
+// PoolSource selects the clones of one pool (in its default namespace, or in Namespace) whose
+// image-meta OwnerKey names this node or, with Shared, every clone there: a backlog any node
+// works on while it holds the lock. Match, when set, is a regexp the image name must match.
 type PoolSource struct {
-	Pool     string `yaml:"pool"`
-	OwnerKey string `yaml:"owner_key"`
-	Shared   bool   `yaml:"shared"`
-	Match    string `yaml:"match"`
+	Pool      string `yaml:"pool"`
+	Namespace string `yaml:"namespace"`
+	OwnerKey  string `yaml:"owner_key"`
+	Shared    bool   `yaml:"shared"`
+	Match     string `yaml:"match"`
 }
 
 // LibvirtSource selects the clones made from the snapshots of the RBD disks of the domains
@@ -521,6 +522,9 @@ func (c *Config) validate(places map[string]int) Errors {
 		field := fmt.Sprintf("discovery.pools[%d]", i)
 		if !poolName.MatchString(p.Pool) {
 			bad(field+".pool", "%q is not a pool name", p.Pool)
+		}
+		if p.Namespace != "" && !poolName.MatchString(p.Namespace) {
+			bad(field+".namespace", "%q is not a namespace name", p.Namespace)
 		}
 		if _, set := places[field+".owner_key"]; set && p.Shared {
 			bad(field+".owner_key", "a shared pool (shared: true) has no owner: remove owner_key or shared")

@@ -49,6 +49,7 @@ func TestMalformed(t *testing.T) {
 		{"bad cron", "discovery: {pools: [{pool: vms}]}\nwindow:\n  schedule: \"0 25 * * *\"\n", `c.yaml:3: window.schedule: "0 25 * * *" is not a 5-field cron schedule`},
 		{"empty pool", "discovery:\n  pools:\n    - pool: \"\"\n", `c.yaml:3: discovery.pools[0].pool: "" is not a pool name`},
 		{"no pools", "node: a\n", `c.yaml: discovery.pools: list at least one pool`},
+		{"bad namespace", "discovery: {pools: [{pool: vms, namespace: a/b}]}\n", `c.yaml:1: discovery.pools[0].namespace: "a/b" is not a namespace name`},
 		{"pace too slow", "discovery: {pools: [{pool: vms}]}\nflatten:\n  max_bytes_per_second: 64KiB\n", `c.yaml:3: flatten.max_bytes_per_second: 65536 is below the minimum of 1MiB (0: no cap)`},
 		{"negative ops", "discovery: {pools: [{pool: vms}]}\nflatten:\n  concurrent_ops: -3\n", `c.yaml:3: flatten.concurrent_ops: -3 is out of range 1..1024`},
 		{"negative duration", "discovery: {pools: [{pool: vms}]}\nbackoff:\n  min: -2s\n", `c.yaml:3: backoff.min: must be positive, got -2s`},

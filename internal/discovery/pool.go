@@ -1,6 +1,7 @@
 package discovery
 
 import (
+	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -8,25 +9,35 @@ import (
 	"regexp"
 
 	"github.com/ceph/go-ceph/rados"
+	"github.com/ceph/go-ceph/rbd"
 
 	"github.com/flattend/flattend/internal/cephconn"
 )
 
-// Pool selects clones in one pool's default namespace: those whose image-meta OwnerKey names
+// ErrNoNamespace means a pool source names a namespace the pool does not have.
+var ErrNoNamespace = errors.New("no such namespace (rbd namespace ls)")
+
+// Pool selects clones in one pool's default namespace, or in Namespace: those whose image-meta OwnerKey names
 // Node or, when Shared, every clone (a backlog that any node may work on while it holds the lock).
 // Match, when set, limits either to the image names it matches.
 type Pool struct {
-	Pool     string
-	OwnerKey string
-	Node     string
-	Shared   bool
-	Match    *regexp.Regexp
+	Pool      string
+	Namespace string // "" for the default namespace
+	OwnerKey  string
+	Node      string
+	Shared    bool
+	Match     *regexp.Regexp
 	// Workers bounds how many images are read at once (default 16).
 	Workers int
 }
 
 // Name implements Source.
-func (p Pool) Name() string { return "pool:" + p.Pool }
+func (p Pool) Name() string {
+	if p.Namespace != "" {
+		return "pool:" + p.Pool + "/" + p.Namespace
+	}
+	return "pool:" + p.Pool
+}
 
 // Discover implements Source.
 //
@@ -43,9 +54,18 @@ func (p Pool) Discover(ctx context.Context, conn *rados.Conn) (Found, error) {
 		return Found{}, err
 	}
 	defer ioctx.Destroy()
+	where := fmt.Sprintf("pool %q", p.Pool)
+	if p.Namespace != "" {
+		where = fmt.Sprintf("namespace %q of pool %q", p.Namespace, p.Pool)
+		// A missing namespace would list as empty: say so instead.
+		if ok, err := rbd.NamespaceExists(ioctx, p.Namespace); err != nil || !ok {
+			return Found{}, fmt.Errorf("%s: %w", where, cmp.Or(err, ErrNoNamespace))
+		}
+		ioctx.SetNamespace(p.Namespace)
+	}
 	ids, err := listImages(ioctx)
 	if err != nil {
-		return Found{}, fmt.Errorf("listing images in pool %q: %w", p.Pool, err)
+		return Found{}, fmt.Errorf("listing images in %s: %w", where, err)
 	}
 	var names []string
 	for name := range ids {
@@ -83,7 +103,7 @@ func (p Pool) Discover(ctx context.Context, conn *rados.Conn) (Found, error) {
 			return nil // removed since the listing
 		}
 		if err != nil {
-			return fmt.Errorf("reading the header of %s/%s: %w", p.Pool, name, err)
+			return fmt.Errorf("reading the header of %s: %w", spec(p.Pool, p.Namespace, name), err)
 		}
 		_, maybeClone := vals["parent"]
 		var reason, owner string
@@ -91,7 +111,7 @@ func (p Pool) Discover(ctx context.Context, conn *rados.Conn) (Found, error) {
 			if !maybeClone {
 				return nil
 			}
-			reason = "shared backlog of pool " + p.Pool
+			reason = "shared backlog of " + where
 			if p.Match != nil {
 				reason += fmt.Sprintf(" (name matches %q)", p.Match.String())
 			}
@@ -104,12 +124,12 @@ func (p Pool) Discover(ctx context.Context, conn *rados.Conn) (Found, error) {
 			reason = fmt.Sprintf("image-meta %s = %s", p.OwnerKey, p.Node)
 			if !maybeClone {
 				report <- func(f *Found) {
-					f.Skipped = append(f.Skipped, Skipped{Image: spec(p.Pool, "", name), Source: p.Name(), Reason: "already flat (" + reason + ")"})
+					f.Skipped = append(f.Skipped, Skipped{Image: spec(p.Pool, p.Namespace, name), Source: p.Name(), Reason: "already flat (" + reason + ")"})
 				}
 				return nil
 			}
 		}
-		im, err := ps.open(p.Pool, "", name, id, false)
+		im, err := ps.open(p.Pool, p.Namespace, name, id, false)
 		if errors.Is(err, errGone) {
 			return nil
 		}

@@ -2,6 +2,7 @@ package discovery_test
 
 import (
 	"context"
+	"errors"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -54,6 +55,38 @@ func namespace(t *testing.T, conn *rados.Conn, ioctx *rados.IOContext, name stri
 	ns := cephtest.PoolIOContext(t, conn, cephtest.Pool)
 	ns.SetNamespace(name)
 	return ns
+}
+
+// A pool source with a namespace looks only there, and a namespace the pool lacks is an error,
+// not an empty list.
+func TestPoolNamespace(t *testing.T) {
+	conn := cephtest.Connect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	node := cephtest.Name(t, "me")
+	pre := cephtest.Name(t, "x")
+	nsctx := namespace(t, conn, ioctx, pre+"-ns")
+	p := cephtest.MakeParent(t, nsctx, pre+"-parent", 4<<20, 22)
+	cephtest.Clone(t, nsctx, p, pre+"-in-ns", node)
+	cephtest.Clone(t, nsctx, p, pre+"-in-ns-theirs", "someone-else")
+	dp := cephtest.MakeParent(t, ioctx, pre+"-default-parent", 4<<20, 22)
+	cephtest.Clone(t, ioctx, dp, pre+"-in-default", node)
+
+	P := cephtest.Pool
+	src := discovery.Pool{Pool: P, Namespace: pre + "-ns", OwnerKey: "flattend.owner", Node: node}
+	f, err := discovery.Find(context.Background(), conn, []discovery.Source{src})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := specs(f.Clones), []string{P + "/" + pre + "-ns/" + pre + "-in-ns"}; !slices.Equal(got, want) {
+		t.Fatalf("namespace source: %v, want %v", got, want)
+	}
+	if c := f.Clones[0]; c.Source != "pool:"+P+"/"+pre+"-ns" || !slices.Equal(c.Chain, []string{P + "/" + pre + "-ns/" + p.Name + "@s"}) {
+		t.Errorf("clone %+v: wrong source or chain", c)
+	}
+	src.Namespace = pre + "-missing"
+	if _, err := discovery.Find(context.Background(), conn, []discovery.Source{src}); !errors.Is(err, discovery.ErrNoNamespace) {
+		t.Fatalf("missing namespace: %v, want ErrNoNamespace", err)
+	}
 }
 
 // Owner-tagged and shared pool sources with match: the owner source takes only the images tagged

@@ -295,6 +295,14 @@ func TestCheckExplainsCephProblems(t *testing.T) {
 	if code != 1 || !strings.Contains(out, `pool "no-such-pool" does not exist`) {
 		t.Fatalf("check with a missing pool: exit %d\n%s", code, out)
 	}
+	bad = strings.Replace(bad, "[{pool: no-such-pool}]", "[{pool: "+cephtest.Pool+", namespace: no-such-ns}]", 1)
+	if err := os.WriteFile(cfg, []byte(bad), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, out = runCmd(t, time.Minute, "check", "--config", cfg)
+	if code != 1 || !strings.Contains(out, `namespace "no-such-ns" of pool "`+cephtest.Pool+`": no such namespace`) {
+		t.Fatalf("check with a missing namespace: exit %d\n%s", code, out)
+	}
 }
 
 func must[T any](v T, err error) T {

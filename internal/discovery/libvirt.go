@@ -45,6 +45,9 @@ type Disk struct {
 	Namespace string
 	Image     string
 	Snap      string // set when the disk reads a snapshot
+	// StoragePool is the libvirt storage pool of a <disk type='volume'>, whose volume is Image;
+	// Pool and Namespace are then filled in from the storage pool's definition.
+	StoragePool string
 }
 
 // Spec is "pool/image" or "pool/namespace/image".
@@ -167,6 +170,7 @@ func readDisks(lv *golibvirt.Libvirt, uri string) ([]Disk, int, error) {
 	}
 	var disks []Disk
 	seen := map[Disk]bool{}
+	pools := storagePools{lv: lv, rbd: map[string]*[2]string{}}
 	for _, d := range doms {
 		flags := []golibvirt.DomainXMLFlags{0}
 		if d.ID > 0 { // running: its persistent definition may have other disks
@@ -184,6 +188,9 @@ func readDisks(lv *golibvirt.Libvirt, uri string) ([]Disk, int, error) {
 			if err != nil {
 				return nil, 0, fmt.Errorf("domain %s: %w", d.Name, err)
 			}
+			if ds, err = pools.resolve(ds); err != nil {
+				return nil, 0, fmt.Errorf("domain %s: %w", d.Name, err)
+			}
 			for _, disk := range ds {
 				if !seen[disk] {
 					seen[disk] = true
@@ -195,8 +202,67 @@ func readDisks(lv *golibvirt.Libvirt, uri string) ([]Disk, int, error) {
 	return disks, len(doms), nil
 }
 
+// storagePools resolves the volumes of libvirt storage pools to RBD images, reading each pool's
+// definition once per pass.
+type storagePools struct {
+	lv  *golibvirt.Libvirt
+	rbd map[string]*[2]string // libvirt pool → Ceph pool and namespace; nil: not an rbd pool
+}
+
+// resolve fills in the Ceph pool of every volume disk and drops the volumes of pools that are
+// not RBD (file, LVM …) or no longer defined (such a domain cannot start).
+func (s storagePools) resolve(disks []Disk) ([]Disk, error) {
+	out := disks[:0]
+	for _, d := range disks {
+		if d.StoragePool == "" {
+			out = append(out, d)
+			continue
+		}
+		ceph, known := s.rbd[d.StoragePool]
+		if !known {
+			var err error
+			if ceph, err = s.read(d.StoragePool); err != nil {
+				return nil, fmt.Errorf("storage pool %s of %s: %w", d.StoragePool, d, err)
+			}
+			s.rbd[d.StoragePool] = ceph
+		}
+		if ceph != nil {
+			d.Pool, d.Namespace = ceph[0], ceph[1]
+			out = append(out, d)
+		}
+	}
+	return out, nil
+}
+
+func (s storagePools) read(name string) (*[2]string, error) {
+	pool, err := s.lv.StoragePoolLookupByName(name)
+	if err != nil {
+		var lerr golibvirt.Error
+		if errors.As(err, &lerr) && lerr.Code == uint32(golibvirt.ErrNoStoragePool) {
+			return nil, nil
+		}
+		return nil, err
+	}
+	xml, err := s.lv.StoragePoolGetXMLDesc(pool, 0)
+	if err != nil {
+		return nil, err
+	}
+	var def libvirtxml.StoragePool
+	if err := def.Unmarshal(xml); err != nil {
+		return nil, fmt.Errorf("parsing its XML: %w", err)
+	}
+	if def.Type != "rbd" || def.Source == nil || def.Source.Name == "" {
+		return nil, nil
+	}
+	// The source name is the Ceph pool, or pool/namespace.
+	cephPool, ns, _ := strings.Cut(def.Source.Name, "/")
+	return &[2]string{cephPool, ns}, nil
+}
+
 // DomainDisks reads the RBD disks (<disk type='network'><source protocol='rbd'
-// name='pool/image'>, or pool/namespace/image, optionally @snap) out of a domain's XML.
+// name='pool/image'>, or pool/namespace/image, optionally @snap) out of a domain's XML, and the
+// volume disks (<disk type='volume'><source pool='P' volume='V'>) with their libvirt storage
+// pool, which only libvirt can map to a Ceph pool.
 func DomainDisks(xml string) ([]Disk, error) {
 	var dom libvirtxml.Domain
 	if err := dom.Unmarshal(xml); err != nil {
@@ -207,6 +273,14 @@ func DomainDisks(xml string) ([]Disk, error) {
 	}
 	var disks []Disk
 	for _, d := range dom.Devices.Disks {
+		if d.Source != nil && d.Source.Volume != nil && d.Source.Volume.Pool != "" && d.Source.Volume.Volume != "" {
+			disk := Disk{Domain: dom.Name, StoragePool: d.Source.Volume.Pool, Image: d.Source.Volume.Volume}
+			if d.Target != nil {
+				disk.Target = d.Target.Dev
+			}
+			disks = append(disks, disk)
+			continue
+		}
 		if d.Source == nil || d.Source.Network == nil || d.Source.Network.Protocol != "rbd" {
 			continue
 		}

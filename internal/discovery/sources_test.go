@@ -3,6 +3,8 @@ package discovery_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -260,6 +262,55 @@ func (sc scenario) define(t *testing.T, lv *libvirttest.Daemon) {
 	lv.Define(t, sc.vm2, P+"/"+sc.vmdisk2, P+"/"+sc.ns+"/"+sc.vmdisk3)
 }
 
+// A <disk type='volume'> of an RBD storage pool is that pool's Ceph image: its clones are this
+// node's. Volumes of other kinds of pools, and of pools libvirt no longer has, are no RBD disks.
+func TestLibvirtVolumeDisks(t *testing.T) {
+	conn := cephtest.Connect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	lv := libvirttest.Start(t)
+	pre := cephtest.Name(t, "v")
+	disk := cephtest.MakeParent(t, ioctx, pre+"-disk", 4<<20, 22)
+	cephtest.Clone(t, ioctx, disk, pre+"-snapclone", "")
+	other := cephtest.MakeParent(t, ioctx, pre+"-other", 4<<20, 22)
+	cephtest.Clone(t, ioctx, other, pre+"-otherclone", "")
+
+	dir := t.TempDir()
+	write := func(name, xml string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(xml), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	lv.Virsh(t, "pool-define", write("rbd.xml", fmt.Sprintf("<pool type='rbd'><name>%s-ceph</name><source><name>%s</name><host name='127.0.0.1'/></source></pool>", pre, cephtest.Pool)))
+	lv.Virsh(t, "pool-define", write("dir.xml", fmt.Sprintf("<pool type='dir'><name>%s-dir</name><target><path>%s</path></target></pool>", pre, dir)))
+	volume := func(dev, pool, vol string) string {
+		return fmt.Sprintf("<disk type='volume' device='disk'><driver name='qemu' type='raw'/><source pool='%s' volume='%s'/><target dev='%s' bus='virtio'/></disk>", pool, vol, dev)
+	}
+	lv.Virsh(t, "define", write("vm.xml", "<domain type='qemu'><name>"+pre+"-vm</name><memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os><devices>"+
+		volume("vda", pre+"-ceph", pre+"-disk")+
+		volume("vdb", pre+"-dir", pre+"-other")+ // same name as an RBD image, but a file volume
+		volume("vdc", pre+"-gone", pre+"-other")+
+		"</devices></domain>"))
+
+	src := discovery.Libvirt{URI: lv.URI, Node: cephtest.Name(t, "me")}
+	disks, _, err := src.Disks(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []discovery.Disk{{Domain: pre + "-vm", Target: "vda", Pool: cephtest.Pool, Image: pre + "-disk", StoragePool: pre + "-ceph"}}
+	if !slices.Equal(disks, want) {
+		t.Fatalf("disks %+v\nwant %+v", disks, want)
+	}
+	f, err := discovery.Find(context.Background(), conn, []discovery.Source{src})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := specs(f.Clones), []string{cephtest.Pool + "/" + pre + "-snapclone"}; !slices.Equal(got, want) {
+		t.Fatalf("clones %v, want %v", got, want)
+	}
+}
+
 func TestDomainDisks(t *testing.T) {
 	xml := `<domain type='kvm'><name>vm</name><devices>
 	<disk type='file' device='disk'><source file='/x.img'/><target dev='hda'/></disk>
@@ -267,6 +318,7 @@ func TestDomainDisks(t *testing.T) {
 	<disk type='network' device='disk'><source protocol='rbd' name='vms/ns/b'/><target dev='vdb'/></disk>
 	<disk type='network' device='cdrom'><source protocol='rbd' name='images/c@snap'/><target dev='sda'/></disk>
 	<disk type='network' device='disk'><source protocol='nbd' name='x/y'/><target dev='vdc'/></disk>
+	<disk type='volume' device='disk'><source pool='cephpool' volume='d'/><target dev='vdd'/></disk>
 	</devices></domain>`
 	got, err := discovery.DomainDisks(xml)
 	if err != nil {
@@ -276,6 +328,7 @@ func TestDomainDisks(t *testing.T) {
 		{Domain: "vm", Target: "vda", Pool: "vms", Image: "a"},
 		{Domain: "vm", Target: "vdb", Pool: "vms", Namespace: "ns", Image: "b"},
 		{Domain: "vm", Target: "sda", Pool: "images", Image: "c", Snap: "snap"},
+		{Domain: "vm", Target: "vdd", Image: "d", StoragePool: "cephpool"}, // its Ceph pool comes from libvirt
 	}
 	if !slices.Equal(got, want) {
 		t.Fatalf("disks %+v\nwant %+v", got, want)

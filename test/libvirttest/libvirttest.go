@@ -3,7 +3,8 @@
 // tests run as root), so it touches nothing of the machine's libvirt. Domains are defined with
 // virsh and never started. Like cephtest, a test skips only when it is not told about a test
 // cluster (FLATTEND_TEST_CEPH_CONF unset); a missing libvirtd fails it (`make deps` installs
-// libvirt-daemon, libvirt-daemon-driver-qemu, libvirt-clients and qemu-system-x86).
+// libvirt-daemon, libvirt-daemon-driver-qemu, libvirt-daemon-driver-storage-rbd, libvirt-clients and
+// qemu-system-x86).
 package libvirttest
 
 import (
@@ -37,7 +38,7 @@ func Start(t testing.TB) *Daemon {
 	if err != nil {
 		bin = "/usr/sbin/libvirtd"
 		if _, serr := os.Stat(bin); serr != nil {
-			t.Fatal("libvirtd not found: run `make deps` (installs libvirt-daemon, libvirt-daemon-driver-qemu, libvirt-clients, qemu-system-x86)")
+			t.Fatal("libvirtd not found: run `make deps` (installs libvirt-daemon, libvirt-daemon-driver-qemu, libvirt-daemon-driver-storage-rbd, libvirt-clients, qemu-system-x86)")
 		}
 	}
 	if _, err := exec.LookPath("virsh"); err != nil {

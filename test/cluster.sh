@@ -186,14 +186,26 @@ CONF
 stop() {
 	local dir=$1
 	[[ -d $dir/run ]] || { log "no cluster in $dir"; return 0; }
-	local pidfile pid
+	local pidfile pid killed=()
 	for pidfile in "$dir"/run/*.pid; do
 		[[ -e $pidfile ]] || continue
 		pid=$(cat "$pidfile")
 		# Kill only a process that is still one of ours: its pid file's daemon.
 		if [[ -n $pid ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q '^ceph-'; then
 			kill -9 "$pid" 2>/dev/null || true
+			killed+=("$pid")
 		fi
+	done
+	# A killed memstore OSD takes seconds to give its memory back: wait until it is gone (or a
+	# zombie), so that whoever runs next finds the machine as it was.
+	local i
+	for ((i = 0; i < 300; i++)); do
+		local alive=0
+		for pid in "${killed[@]}"; do
+			[[ -e /proc/$pid ]] && [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]] && alive=1
+		done
+		((alive)) || break
+		sleep 0.1
 	done
 	rm -rf "$dir"
 	log "cluster in $dir stopped"

@@ -63,6 +63,10 @@ func parseQueueKey(key string) (id uint64, since time.Time, ok bool) {
 
 // handover is this node's place in the queue and its watch on its wake object. The watch doubles
 // as this connection's health check (see Lease.confirm).
+//
+// The queue entry is written by one goroutine (sync): callers only say whether they want to be
+// queued, so they never wait on RADOS, and h.mu is never held across I/O that the notification
+// handler would wait behind.
 type handover struct {
 	ioctx   *rados.IOContext
 	queue   string // the handover object
@@ -71,12 +75,15 @@ type handover struct {
 	self    uint64
 	watcher *rados.Watcher
 	wake    chan struct{}
+	kick    chan struct{}
 	quit    chan struct{}
 	done    sync.WaitGroup
 	onWake  func()
 
-	mu  sync.Mutex
-	key string // this node's queue entry; empty when it is not queued
+	mu      sync.Mutex
+	want    string // the entry this node wants in the queue; empty when it is not waiting
+	written string // the entry sync last wrote (or is writing); empty when none
+	grants  int    // grants answered since the last takeGrants
 }
 
 func startHandover(conn *rados.Conn, pool, queue, wakeOID, node string, onWake func()) (*handover, error) {
@@ -96,9 +103,10 @@ func startHandover(conn *rados.Conn, pool, queue, wakeOID, node string, onWake f
 		return nil, err
 	}
 	h := &handover{ioctx: ioctx, queue: queue, wakeOID: wakeOID, node: node, self: conn.GetInstanceID(),
-		watcher: w, wake: make(chan struct{}, 1), quit: make(chan struct{}), onWake: onWake}
-	h.done.Add(1)
-	go h.listen() // ends when stop closes quit
+		watcher: w, wake: make(chan struct{}, 1), kick: make(chan struct{}, 1), quit: make(chan struct{}), onWake: onWake}
+	h.done.Add(2)
+	go h.listen() // both end when stop closes quit
+	go h.writer()
 	return h, nil
 }
 
@@ -119,7 +127,7 @@ func (h *handover) listen() {
 			if !ok {
 				errs = nil
 			}
-			// Watch errors surface through watcher.Check in the lease monitor.
+			// Watch errors surface through watcher.Check in the lease monitor and in TryLock.
 		}
 	}
 }
@@ -129,10 +137,14 @@ func (h *handover) handle(ev rados.NotifyEvent) {
 	// A notification names a queue entry. Only the process that is waiting under that entry
 	// answers: two processes of one node share a wake object, and an entry may outlive its wait.
 	h.mu.Lock()
-	mine := h.key != "" && (msg == msgGrant+h.key || msg == msgPing+h.key)
+	mine := h.want != "" && (msg == msgGrant+h.want || msg == msgPing+h.want)
 	granted := mine && strings.HasPrefix(msg, msgGrant)
 	if granted {
-		h.key = "" // the releaser took the entry off the queue
+		h.grants++
+		if h.written == h.want {
+			h.written = "" // the releaser took the entry off the queue
+		}
+		h.want = ""
 	}
 	h.mu.Unlock()
 	if !mine {
@@ -149,35 +161,93 @@ func (h *handover) handle(ev rados.NotifyEvent) {
 	}
 }
 
-// enqueue puts this node in the queue, in the place its waiting start gives it.
-func (h *handover) enqueue(since time.Time) error {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.key != "" {
-		return nil
-	}
-	key := queueKey(since, h.self)
-	v, _ := json.Marshal(queueEntry{Node: h.node, Wake: h.wakeOID})
-	if err := h.ioctx.SetOmap(h.queue, map[string][]byte{key: v}); err != nil {
-		return err
-	}
-	h.key = key
-	return nil
+// enqueue asks for this node's entry, in the place its waiting start gives it.
+func (h *handover) enqueue(since time.Time) {
+	h.setWant(queueKey(since, h.self))
 }
 
-// dequeue takes this node out of the queue.
-func (h *handover) dequeue() error {
+// dequeue asks for this node's entry to go.
+func (h *handover) dequeue() { h.setWant("") }
+
+func (h *handover) setWant(key string) {
+	h.mu.Lock()
+	changed := h.want != key || h.written != key
+	h.want = key
+	h.mu.Unlock()
+	if changed {
+		select {
+		case h.kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// queued returns the entry this node wants, empty when it is not waiting.
+func (h *handover) queued() string {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.key == "" {
-		return nil
+	return h.want
+}
+
+// takeGrants returns how many grants this node answered since the last call.
+func (h *handover) takeGrants() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := h.grants
+	h.grants = 0
+	return n
+}
+
+// writer brings the queue in line with what this node wants, one write at a time.
+func (h *handover) writer() {
+	defer h.done.Done()
+	for {
+		select {
+		case <-h.quit:
+			return
+		case <-h.kick:
+		}
+		h.sync()
 	}
-	key := h.key
-	h.key = ""
-	return h.ioctx.RmOmapKeys(h.queue, []string{key})
+}
+
+// sync writes the wanted entry and removes the one written before, until they agree. A failed
+// write is left for the next kick: the node still polls meanwhile.
+func (h *handover) sync() {
+	for range 4 {
+		h.mu.Lock()
+		want, written := h.want, h.written
+		h.mu.Unlock()
+		if want == written {
+			return
+		}
+		if written != "" {
+			if err := h.ioctx.RmOmapKeys(h.queue, []string{written}); err != nil {
+				return
+			}
+		}
+		if want != "" {
+			v, _ := json.Marshal(queueEntry{Node: h.node, Wake: h.wakeOID})
+			if err := h.ioctx.SetOmap(h.queue, map[string][]byte{want: v}); err != nil {
+				h.mu.Lock()
+				if h.written == written {
+					h.written = ""
+				}
+				h.mu.Unlock()
+				return
+			}
+		}
+		h.mu.Lock()
+		if h.written == written {
+			h.written = want
+		}
+		h.mu.Unlock()
+	}
 }
 
 // head reads the first n entries of the queue, in order, and whether key is still queued.
+// Entries that do not decode keep their place and have no wake object: nobody answers for them,
+// so the next release or poller drops them.
 func (h *handover) head(n int, key string) (keys []string, values map[string]queueEntry, queued bool, err error) {
 	op := rados.CreateReadOp()
 	defer op.Release()
@@ -199,10 +269,9 @@ func (h *handover) head(n int, key string) (keys []string, values map[string]que
 			break
 		}
 		var e queueEntry
-		if json.Unmarshal(kv.Value, &e) == nil && e.Wake != "" {
-			keys = append(keys, kv.Key)
-			values[kv.Key] = e
-		}
+		_ = json.Unmarshal(kv.Value, &e)
+		keys = append(keys, kv.Key)
+		values[kv.Key] = e
 	}
 	slices.Sort(keys)
 	if mine != nil {
@@ -217,6 +286,9 @@ func (h *handover) head(n int, key string) (keys []string, values map[string]que
 
 // answers notifies a queued node's wake object and reports whether it answered for that entry.
 func (h *handover) answers(key string, e queueEntry, msg string) bool {
+	if e.Wake == "" {
+		return false
+	}
 	acks, _, _ := h.ioctx.NotifyWithTimeout(e.Wake, []byte(msg+key), notifyTimeout)
 	for _, a := range acks {
 		if len(a.Response) > 0 {
@@ -233,9 +305,7 @@ func (h *handover) release() (granted bool, notifies int) {
 	if err != nil {
 		return false, 0
 	}
-	h.mu.Lock()
-	own := h.key
-	h.mu.Unlock()
+	own := h.queued()
 	tries := 0
 	for _, k := range keys {
 		if tries == grantTries {
@@ -258,48 +328,52 @@ func (h *handover) release() (granted bool, notifies int) {
 	return false, notifies
 }
 
-// mayPoll says whether this node, queued, should try the lock images now: yes when it is among
-// the first `slots` waiters (or no longer queued: a releaser or a poller dropped it, and it has
-// queued again). Entries ahead of it whose node does not answer are dropped.
-func (h *handover) mayPoll(slots int, since time.Time) (bool, error) {
-	h.mu.Lock()
-	key := h.key
-	h.mu.Unlock()
+// mayPoll says whether this node, queued, should try the lock images now: yes when fewer than
+// `slots` live waiters are ahead of it, or when it is no longer queued (a releaser or a poller
+// took its entry; it queues again when it finds every slot busy). Entries ahead of it whose node
+// does not answer a ping are dropped.
+func (h *handover) mayPoll(slots int) bool {
+	key := h.queued()
 	if key == "" {
-		return true, nil
+		return true
 	}
-	keys, values, queued, err := h.head(slots, key)
-	if err != nil {
-		return true, err
-	}
-	if !queued {
-		h.mu.Lock()
-		if h.key == key {
-			h.key = ""
+	for range 3 {
+		keys, values, queued, err := h.head(slots, key)
+		if err != nil || !queued {
+			if err == nil {
+				h.mu.Lock()
+				if h.written == key {
+					h.written = "" // gone from the queue: the next Wait writes it again
+				}
+				h.mu.Unlock()
+			}
+			return true
 		}
-		h.mu.Unlock()
-		return true, h.enqueue(since)
-	}
-	if slices.Contains(keys, key) {
-		return true, nil
-	}
-	dropped := false
-	for _, k := range keys {
-		if !h.answers(k, values[k], msgPing) {
-			_ = h.ioctx.RmOmapKeys(h.queue, []string{k})
-			dropped = true
+		if slices.Contains(keys, key) {
+			return true
+		}
+		dropped := false
+		for _, k := range keys {
+			if !h.answers(k, values[k], msgPing) {
+				_ = h.ioctx.RmOmapKeys(h.queue, []string{k})
+				dropped = true
+			}
+		}
+		if !dropped {
+			return false // live waiters ahead
 		}
 	}
-	return dropped, nil
+	return true
 }
 
 func (h *handover) stop() {
-	_ = h.dequeue()
 	// On a blocklisted connection the unwatch fails and go-ceph leaves the watch's channels open:
 	// quit, not their closing, ends the listener.
 	_ = h.watcher.Delete()
 	close(h.quit)
 	h.done.Wait()
+	h.dequeue()
+	h.sync() // best effort: a dead connection leaves the entry for the others to drop
 	if h.node == "" {
 		_ = h.ioctx.Delete(h.wakeOID) // named after this connection: nobody will use it again
 	}

@@ -248,19 +248,50 @@ func (m *Mutex) Wait() {
 	h, since := m.hand, m.waitingSince
 	m.mu.Unlock()
 	if h != nil {
-		_ = h.enqueue(since)
+		h.enqueue(since)
 	}
 }
 
-// StopWaiting takes this node out of the queue of waiters (it has a slot, or nothing left to do).
+// StopWaiting takes this node out of the queue of waiters (it has nothing left to do). A grant
+// that reached it meanwhile is passed on to the next waiter.
 func (m *Mutex) StopWaiting() {
+	if h := m.stopWaiting(); h != nil && h.takeGrants() > 0 {
+		m.passOn(h)
+	}
+}
+
+func (m *Mutex) stopWaiting() *handover {
 	m.mu.Lock()
 	m.waitingSince = time.Time{}
 	h := m.hand
 	m.mu.Unlock()
 	if h != nil {
-		_ = h.dequeue()
+		h.dequeue()
 	}
+	return h
+}
+
+// passOn hands a slot that this node was granted but does not use to the next waiter, in the
+// background: a grant that arrives while the node takes another slot or stops waiting would
+// otherwise leave that slot to the polls.
+func (m *Mutex) passOn(h *handover) {
+	m.mu.Lock()
+	if m.closing {
+		m.mu.Unlock()
+		return
+	}
+	m.inflight.Add(1)
+	m.mu.Unlock()
+	go func() {
+		defer m.inflight.Done()
+		granted, notifies := h.release()
+		m.count(func(s *Stats) {
+			s.NotifiesSent += int64(notifies)
+			if granted {
+				s.Grants++
+			}
+		})
+	}()
 }
 
 // HandedOver waits (until ctx ends) for the handover of this node's last release and reports
@@ -308,20 +339,21 @@ func (m *Mutex) Wake() <-chan struct{} {
 // obtains after that is released at once.
 func (m *Mutex) TryLock(ctx context.Context) (*Lease, error) {
 	m.mu.Lock()
-	h, since := m.hand, m.waitingSince
+	h := m.hand
 	m.mu.Unlock()
-	if h != nil && !since.IsZero() {
-		// Behind other live waiters, only the queue is read: the lock images see the same few
-		// operations per handover however many nodes wait.
-		if ok, _ := h.mayPoll(m.o.Slots, since); !ok {
-			m.count(func(s *Stats) { s.Busy++; s.PollsDeferred++ })
-			return nil, ErrLocked
+	if h != nil {
+		// A broken watch means no grant can reach this node, and a lease on this connection
+		// would be lost at its first check: reconnect first.
+		if _, err := h.watcher.Check(); err != nil {
+			return nil, fmt.Errorf("%w: the watch on %s is broken: %w", ErrLost, h.wakeOID, err)
 		}
+		h.takeGrants() // the grants that woke this node: this attempt uses them
 	}
 	type result struct {
-		img  *rbd.Image
-		slot int
-		err  error
+		img      *rbd.Image
+		slot     int
+		err      error
+		deferred bool
 	}
 	ch := make(chan result, 1)
 	var mu sync.Mutex
@@ -331,21 +363,27 @@ func (m *Mutex) TryLock(ctx context.Context) (*Lease, error) {
 		defer m.inflight.Done()
 		var r result
 		r.err = ErrLocked
+		// Behind other live waiters only the queue is read: the lock images see the same few
+		// operations per handover however many nodes wait.
+		r.deferred = h != nil && !h.mayPoll(m.o.Slots)
 		first := rand.N(m.o.Slots)
 		for k := range m.o.Slots {
+			if r.deferred {
+				break
+			}
 			slot := (first + k) % m.o.Slots
 			img, err := m.acquire(SlotImage(m.o.Image, slot))
 			if errors.Is(err, ErrLocked) {
 				continue
 			}
-			r = result{img, slot, err}
+			r = result{img: img, slot: slot, err: err}
 			break
 		}
 		mu.Lock()
 		defer mu.Unlock()
 		if abandoned {
 			if r.err == nil {
-				giveBack(r.img)
+				m.giveBack(r.img)
 			}
 			return
 		}
@@ -355,12 +393,19 @@ func (m *Mutex) TryLock(ctx context.Context) (*Lease, error) {
 	case r := <-ch:
 		if r.err != nil {
 			if errors.Is(r.err, ErrLocked) {
-				m.count(func(s *Stats) { s.Busy++ })
+				m.count(func(s *Stats) {
+					s.Busy++
+					if r.deferred {
+						s.PollsDeferred++
+					}
+				})
 				m.Wait()
 			}
 			return nil, r.err
 		}
-		m.StopWaiting()
+		if h := m.stopWaiting(); h != nil && h.takeGrants() > 0 {
+			m.passOn(h) // granted another slot while taking this one
+		}
 		return m.newLease(r.img, r.slot), nil
 	case <-ctx.Done():
 		mu.Lock()
@@ -369,7 +414,7 @@ func (m *Mutex) TryLock(ctx context.Context) (*Lease, error) {
 		select {
 		case r := <-ch: // it finished just as ctx ended: give the lock back
 			if r.err == nil {
-				giveBack(r.img)
+				m.giveBack(r.img)
 			}
 		default:
 		}
@@ -377,10 +422,17 @@ func (m *Mutex) TryLock(ctx context.Context) (*Lease, error) {
 	}
 }
 
-// giveBack releases a lock nobody will use: its TryLock gave up before it was obtained.
-func giveBack(img *rbd.Image) {
+// giveBack releases a lock nobody will use (its TryLock gave up before it was obtained) and
+// hands the slot to the next waiter.
+func (m *Mutex) giveBack(img *rbd.Image) {
 	_ = img.LockRelease()
 	_ = img.Close()
+	m.mu.Lock()
+	h := m.hand
+	m.mu.Unlock()
+	if h != nil {
+		m.passOn(h)
+	}
 }
 
 func (m *Mutex) count(f func(*Stats)) {

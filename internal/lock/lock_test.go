@@ -358,6 +358,7 @@ func TestQueueOrderAndDeferredPolls(t *testing.T) {
 		}
 		time.Sleep(5 * time.Millisecond) // distinct waiting starts
 	}
+	waitQueued(t, holder, image, 3)
 	// Polls behind the first waiter are answered from the queue.
 	for _, w := range waiters[1:] {
 		before := w.Stats()
@@ -401,6 +402,70 @@ func TestQueueOrderAndDeferredPolls(t *testing.T) {
 	_ = l.Unlock()
 }
 
+// waitQueued waits until n nodes are in the queue: a Wait writes its entry in the background.
+func waitQueued(t *testing.T, m *lock.Mutex, image string, n int) {
+	t.Helper()
+	conn := cephtest.DaemonConnect(t)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		q, err := lock.ReadQueue(conn, cephtest.Pool, image)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(q) == n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("queue %+v, want %d entries", q, n)
+		}
+	}
+}
+
+// A grant that reaches a node which then stops waiting goes on to the next waiter.
+func TestUnusedGrantPassedOn(t *testing.T) {
+	image := cephtest.Name(t, "pass")
+	o := lock.Options{Pool: cephtest.Pool, Image: image}
+	holder := newMutex(t, cephtest.DaemonConnect(t), o)
+	o.Node = "first"
+	first := newMutex(t, cephtest.DaemonConnect(t), o)
+	o.Node = "second"
+	second := newMutex(t, cephtest.DaemonConnect(t), o)
+	for _, m := range []*lock.Mutex{holder, first, second} {
+		if err := m.Ensure(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l, err := holder.TryLock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range []*lock.Mutex{first, second} {
+		if _, err := w.TryLock(context.Background()); !errors.Is(err, lock.ErrLocked) {
+			t.Fatal(err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	waitQueued(t, holder, image, 2)
+	if err := l.Unlock(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-first.Wake():
+	case <-time.After(5 * time.Second):
+		t.Fatal("first waiter not granted")
+	}
+	first.StopWaiting() // its pass ended meanwhile: the slot must not sit idle
+	select {
+	case <-second.Wake():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the unused grant was not passed on to the second waiter")
+	}
+	sl, err := second.TryLock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = sl.Unlock()
+}
+
 // A waiter that died while queued cannot stall the queue: a release skips it, and a poller behind
 // it drops it and polls.
 func TestDeadWaiterSkipped(t *testing.T) {
@@ -425,6 +490,7 @@ func TestDeadWaiterSkipped(t *testing.T) {
 	if _, err := live.TryLock(context.Background()); !errors.Is(err, lock.ErrLocked) {
 		t.Fatal(err)
 	}
+	waitQueued(t, holder, image, 2)
 	deadConn.Shutdown()
 
 	// Behind the dead waiter, the live one still polls: its ping goes unanswered.

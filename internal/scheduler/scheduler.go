@@ -408,6 +408,8 @@ func (s *Scheduler) work(ctx context.Context, clones []discovery.Clone, sum Summ
 		if sum.Stopped != "" {
 			break
 		}
+		s.setState("clone %d of %d handled: %d flattened, %d failed, %d skipped", i+1, len(clones),
+			sum.Flattened, len(sum.Failed), len(sum.Skipped))
 	}
 	if s.mutex != nil {
 		s.mutex.StopWaiting() // grants to a node with nothing left to do would be wasted

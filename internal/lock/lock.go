@@ -274,11 +274,15 @@ func (m *Mutex) stopWaiting() *handover {
 // passOn hands a slot that this node was granted but does not use to the next waiter, in the
 // background: a grant that arrives while the node takes another slot or stops waiting would
 // otherwise leave that slot to the polls.
-func (m *Mutex) passOn(h *handover) {
+func (m *Mutex) passOn(h *handover) { m.grantNext(h, nil) }
+
+// grantNext hands a freed slot to the longest-waiting node in the background, then tells after
+// (if set) whether one took it. It reports false, and does nothing, once the Mutex is closing.
+func (m *Mutex) grantNext(h *handover, after func(granted bool)) bool {
 	m.mu.Lock()
 	if m.closing {
 		m.mu.Unlock()
-		return
+		return false
 	}
 	m.inflight.Add(1)
 	m.mu.Unlock()
@@ -291,7 +295,11 @@ func (m *Mutex) passOn(h *handover) {
 				s.Grants++
 			}
 		})
+		if after != nil {
+			after(granted)
+		}
 	}()
+	return true
 }
 
 // HandedOver waits (until ctx ends) for the handover of this node's last release and reports
@@ -513,20 +521,15 @@ func (m *Mutex) released() {
 	}
 	done := make(chan struct{})
 	m.handingOver, m.granted = done, false
-	m.inflight.Add(1)
 	m.mu.Unlock()
-	go func() {
-		defer m.inflight.Done()
-		granted, notifies := h.release()
+	if !m.grantNext(h, func(granted bool) {
 		m.mu.Lock()
 		m.granted = granted
-		m.stats.NotifiesSent += int64(notifies)
-		if granted {
-			m.stats.Grants++
-		}
 		m.mu.Unlock()
 		close(done)
-	}()
+	}) {
+		close(done)
+	}
 }
 
 // Close stops watching for releases and waits, at most until ctx ends, for librbd calls that

@@ -648,7 +648,8 @@ func (s *Scheduler) flattenUnder(ctx context.Context, conn *rados.Conn, lease *l
 		return err
 	}
 
-	var done, total atomic.Uint64
+	done, total := &s.flatDone, &s.flatTotal // State reads them too
+	done.Store(0)
 	total.Store(1)
 	gctx, stopGates := gate.Watch(ctx, conn, s.cfg.Gates, t.Pool, s.cfg.GateInterval, func() uint64 {
 		d, n := done.Load(), total.Load()
@@ -663,16 +664,12 @@ func (s *Scheduler) flattenUnder(ctx context.Context, conn *rados.Conn, lease *l
 	log.Info("flatten started", zap.String("parent", info.Parent), zap.Uint64("bytes", info.Overlap), zap.String("lock", lease.Image()))
 	start := time.Now()
 	s.cfg.Metrics.FlattenStarted()
-	s.flatDone.Store(0)
-	s.flatTotal.Store(0)
 	s.setState("flattening %s under %s", t, lease.Image())
 	s.progressAt.Store(start.UnixNano())
 	defer s.progressAt.Store(0)
 	var decile atomic.Int64
 	err = flattener.FlattenPaced(fctx, conn, t, s.cfg.MaxBytesPerSecond, func(objDone, objTotal uint64) {
 		s.progressAt.Store(time.Now().UnixNano())
-		s.flatDone.Store(objDone)
-		s.flatTotal.Store(objTotal)
 		lease.Progress(objDone, objTotal)
 		if s.cfg.OnProgress != nil {
 			s.cfg.OnProgress(t.String(), objDone, objTotal)

@@ -17,9 +17,10 @@ import (
 //
 //  1. A node that finds every slot busy queues itself: one omap key on the handover object,
 //     "w.<since>.<client id>", so that keys sort by when their node began waiting.
-//  2. A holder that releases a slot takes the first entry off the queue and notifies that node's
-//     wake object "grant <key>". Only that node tries the lock now. A waiter that does not
-//     ack (dead, cut off) has lost its place, and the next entry is tried.
+//  2. A holder that releases a slot notifies the first entry's wake object "grant <key>". Only
+//     that node tries the lock now; it takes its entry off once it holds a slot, so the waiters
+//     behind it keep deferring to it meanwhile. A waiter that does not ack (dead, cut off) loses
+//     its place, and the next entry is tried.
 //  3. Waiters still poll with their backoff (a lost notification, a holder that died), but a
 //     queued waiter touches the lock images only when it is among the first `slots` entries; the
 //     others read the head of the queue, and drop entries there whose node does not answer a ping,
@@ -136,15 +137,13 @@ func (h *handover) handle(ev rados.NotifyEvent) {
 	msg := string(ev.Data)
 	// A notification names a queue entry. Only the process that is waiting under that entry
 	// answers: two processes of one node share a wake object, and an entry may outlive its wait.
+	// A grantee keeps its entry until it holds a slot (TryLock then takes it off): meanwhile the
+	// waiters behind it still see it first in line and do not poll.
 	h.mu.Lock()
 	mine := h.want != "" && (msg == msgGrant+h.want || msg == msgPing+h.want)
 	granted := mine && strings.HasPrefix(msg, msgGrant)
 	if granted {
 		h.grants++
-		if h.written == h.want {
-			h.written = "" // the releaser took the entry off the queue
-		}
-		h.want = ""
 	}
 	h.mu.Unlock()
 	if !mine {
@@ -315,14 +314,14 @@ func (h *handover) release() (granted bool, notifies int) {
 			continue
 		}
 		tries++
-		// Off the queue first: a grantee that then finds the slot taken queues again in the same
-		// place, and a waiter that does not answer is gone for good.
-		if h.ioctx.RmOmapKeys(h.queue, []string{k}) != nil {
-			return false, notifies
-		}
 		notifies++
 		if h.answers(k, values[k], msgGrant) {
+			// The grantee takes its entry off when it holds the slot; until then it stays first.
 			return true, notifies
+		}
+		// A waiter that does not answer is gone for good.
+		if h.ioctx.RmOmapKeys(h.queue, []string{k}) != nil {
+			return false, notifies
 		}
 	}
 	return false, notifies

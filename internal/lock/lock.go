@@ -355,7 +355,10 @@ func (m *Mutex) TryLock(ctx context.Context) (*Lease, error) {
 		if _, err := h.watcher.Check(); err != nil {
 			return nil, fmt.Errorf("%w: the watch on %s is broken: %w", ErrLost, h.wakeOID, err)
 		}
-		h.takeGrants() // the grants that woke this node: this attempt uses them
+		// The grants that woke this node: this attempt uses one, and passes the others on.
+		for range max(h.takeGrants()-1, 0) {
+			m.passOn(h)
+		}
 	}
 	type result struct {
 		img      *rbd.Image

@@ -3,7 +3,6 @@
 package main
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -17,7 +16,6 @@ import (
 	"time"
 
 	"github.com/ceph/go-ceph/rados"
-	"github.com/ceph/go-ceph/rbd"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
@@ -234,7 +232,7 @@ func check(cfg *config.Config, dial func() (*rados.Conn, error), stdout, stderr 
 	code := exitOK
 	m := lock.New(conn, lockOptions(cfg))
 	if err := m.Check(); err != nil {
-		if errors.Is(err, lock.ErrNoExclusiveLock) || errors.Is(err, lock.ErrNotLockImage) || !isNotFound(err) {
+		if errors.Is(err, lock.ErrNoExclusiveLock) || errors.Is(err, lock.ErrNotLockImage) || !cephconn.IsNotFound(err) {
 			fmt.Fprintf(stderr, "lock: %v\n", err)
 			code = exitFailure
 		} else if _, perr := cephconn.OpenPool(conn, cfg.Lock.Pool); perr != nil {
@@ -254,8 +252,8 @@ func check(cfg *config.Config, dial func() (*rados.Conn, error), stdout, stderr 
 			continue
 		}
 		if p.Namespace != "" {
-			if ok, err := rbd.NamespaceExists(ioctx, p.Namespace); err != nil || !ok {
-				fmt.Fprintf(stderr, "discovery: namespace %q of pool %q: %v\n", p.Namespace, p.Pool, cmp.Or(err, discovery.ErrNoNamespace))
+			if err := discovery.CheckNamespace(ioctx, p.Pool, p.Namespace); err != nil {
+				fmt.Fprintf(stderr, "discovery: %v\n", err)
 				code = exitFailure
 				ioctx.Destroy()
 				continue
@@ -311,8 +309,6 @@ func printStatus(slots []lock.SlotStatus, waiting []lock.Waiter, asJSON bool, st
 	}
 	return exitOK
 }
-
-func isNotFound(err error) bool { return cephconn.IsErrno(err, syscall.ENOENT) }
 
 func exitCode(err error) int {
 	if errors.Is(err, cephconn.ErrUnreachable) {

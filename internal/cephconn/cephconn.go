@@ -96,6 +96,9 @@ func IsErrno(err error, e syscall.Errno) bool {
 	return ok && got == e
 }
 
+// IsNotFound reports whether err carries ENOENT.
+func IsNotFound(err error) bool { return IsErrno(err, syscall.ENOENT) }
+
 // EBLOCKLISTED is what Ceph returns to a client that was blocklisted (ESHUTDOWN on Linux).
 const EBLOCKLISTED = syscall.ESHUTDOWN
 

@@ -17,6 +17,14 @@ import (
 // ErrNoNamespace means a pool source names a namespace the pool does not have.
 var ErrNoNamespace = errors.New("no such namespace (rbd namespace ls)")
 
+// CheckNamespace says, as an error naming both, when the pool behind ioctx lacks namespace ns.
+func CheckNamespace(ioctx *rados.IOContext, pool, ns string) error {
+	if ok, err := rbd.NamespaceExists(ioctx, ns); err != nil || !ok {
+		return fmt.Errorf("namespace %q of pool %q: %w", ns, pool, cmp.Or(err, ErrNoNamespace))
+	}
+	return nil
+}
+
 // Pool selects clones in one pool's default namespace, or in Namespace: those whose image-meta OwnerKey names
 // Node or, when Shared, every clone (a backlog that any node may work on while it holds the lock).
 // Match, when set, limits either to the image names it matches.
@@ -58,8 +66,8 @@ func (p Pool) Discover(ctx context.Context, conn *rados.Conn) (Found, error) {
 	if p.Namespace != "" {
 		where = fmt.Sprintf("namespace %q of pool %q", p.Namespace, p.Pool)
 		// A missing namespace would list as empty: say so instead.
-		if ok, err := rbd.NamespaceExists(ioctx, p.Namespace); err != nil || !ok {
-			return Found{}, fmt.Errorf("%s: %w", where, cmp.Or(err, ErrNoNamespace))
+		if err := CheckNamespace(ioctx, p.Pool, p.Namespace); err != nil {
+			return Found{}, err
 		}
 		ioctx.SetNamespace(p.Namespace)
 	}

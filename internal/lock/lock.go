@@ -145,11 +145,11 @@ func (m *Mutex) Ensure() error {
 		err = checkImage(ioctx, m.o.Pool, name)
 		// librbd's create claims the name first and writes the header after: a node whose create
 		// lost that race can find the header missing for a few milliseconds.
-		for wait := 20 * time.Millisecond; exists && isNotFound(err) && wait <= headerWait; wait *= 2 {
+		for wait := 20 * time.Millisecond; exists && cephconn.IsNotFound(err) && wait <= headerWait; wait *= 2 {
 			time.Sleep(wait)
 			err = checkImage(ioctx, m.o.Pool, name)
 		}
-		if exists && isNotFound(err) {
+		if exists && cephconn.IsNotFound(err) {
 			return fmt.Errorf("%w: the name is taken but the image has no header; a create was killed half-way? (rbd rm %s/%s)", err, m.o.Pool, name)
 		}
 		if err != nil {
@@ -177,8 +177,6 @@ func (m *Mutex) Ensure() error {
 // headerWait bounds how long Ensure waits for another node's create to finish (its doubling
 // sleeps add up to about 5 s).
 const headerWait = 5 * time.Second
-
-func isNotFound(err error) bool { return cephconn.IsErrno(err, syscall.ENOENT) }
 
 // Check verifies, without changing anything, that every slot's lock image exists and is fit: it
 // has the exclusive-lock feature, no parent, and no data.
@@ -252,23 +250,20 @@ func (m *Mutex) Wait() {
 	}
 }
 
-// StopWaiting takes this node out of the queue of waiters (it has nothing left to do). A grant
-// that reached it meanwhile is passed on to the next waiter.
+// StopWaiting takes this node out of the queue of waiters (it has a slot, or nothing left to
+// do). A grant that reached it meanwhile is passed on to the next waiter.
 func (m *Mutex) StopWaiting() {
-	if h := m.stopWaiting(); h != nil && h.takeGrants() > 0 {
-		m.passOn(h)
-	}
-}
-
-func (m *Mutex) stopWaiting() *handover {
 	m.mu.Lock()
 	m.waitingSince = time.Time{}
 	h := m.hand
 	m.mu.Unlock()
-	if h != nil {
-		h.dequeue()
+	if h == nil {
+		return
 	}
-	return h
+	h.dequeue()
+	if h.takeGrants() > 0 {
+		m.passOn(h)
+	}
 }
 
 // passOn hands a slot that this node was granted but does not use to the next waiter, in the
@@ -414,9 +409,7 @@ func (m *Mutex) TryLock(ctx context.Context) (*Lease, error) {
 			}
 			return nil, r.err
 		}
-		if h := m.stopWaiting(); h != nil && h.takeGrants() > 0 {
-			m.passOn(h) // granted another slot while taking this one
-		}
+		m.StopWaiting() // a grant for another slot that came meanwhile goes on
 		return m.newLease(r.img, r.slot), nil
 	case <-ctx.Done():
 		mu.Lock()

@@ -21,7 +21,7 @@ import (
 	"github.com/ceph/go-ceph/rados"
 
 	"github.com/flattend/flattend/internal/lock"
-	"github.com/flattend/flattend/internal/scheduler"
+	"github.com/flattend/flattend/internal/backoff"
 )
 
 const fleetPool = "bench-fleet"
@@ -209,7 +209,7 @@ func fleetRunOnce(nodes, turns int, hold, boMin, boMax time.Duration) fleetRun {
 				mu.Lock()
 				waiting[i] = wantAt
 				mu.Unlock()
-				bo := scheduler.Backoff{Min: boMin, Max: boMax}
+				bo := backoff.Backoff{Min: boMin, Max: boMax}
 				var lease *lock.Lease
 				how := "first try" // what the successful TryLock followed
 				for lease == nil {

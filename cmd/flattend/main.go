@@ -27,6 +27,7 @@ import (
 	"github.com/flattend/flattend/internal/lock"
 	"github.com/flattend/flattend/internal/metrics"
 	"github.com/flattend/flattend/internal/scheduler"
+	"github.com/flattend/flattend/internal/window"
 	"github.com/flattend/flattend/internal/status"
 )
 
@@ -329,7 +330,7 @@ func cephOptions(cfg *config.Config) cephconn.Options {
 
 func schedulerConfig(cfg *config.Config) scheduler.Config {
 	// The config package validated the schedule already.
-	w, _ := scheduler.NewWindow(cfg.Window.Schedule, cfg.Window.Duration.D())
+	w, _ := window.New(cfg.Window.Schedule, cfg.Window.Duration.D())
 	sc := scheduler.Config{
 		Node:           cfg.Node,
 		Window:         w,

@@ -17,22 +17,22 @@ func TestBudgetsAndWindowEnd(t *testing.T) {
 	if r := s.stopReason(); r != "" {
 		t.Fatalf("fresh window stopped: %s", r)
 	}
-	s.window.clones, s.window.bytes = 1, 4<<20
+	s.budget.clones, s.budget.bytes = 1, 4<<20
 	if r := s.skipReason(big); !strings.Contains(r, "would exceed flatten.max_bytes_per_window") {
 		t.Errorf("8 MiB more on 4 of 10 MiB: skip reason %q", r)
 	}
 	if r := s.skipReason(small); r != "" {
 		t.Errorf("4 MiB more on 4 of 10 MiB: skipped (%s)", r)
 	}
-	s.window.clones = 2
+	s.budget.clones = 2
 	if r := s.stopReason(); !strings.Contains(r, "max_per_window (2) reached") {
 		t.Errorf("2 of 2 flattens: stop reason %q", r)
 	}
-	s.window = budget{bytes: 10 << 20}
+	s.budget = budget{bytes: 10 << 20}
 	if r := s.stopReason(); !strings.Contains(r, "max_bytes_per_window (10.0 MiB) reached") {
 		t.Errorf("10 of 10 MiB: stop reason %q", r)
 	}
-	s.window = budget{}
+	s.budget = budget{}
 	s.windowEnd.Store(time.Now().Add(4 * time.Minute).UnixNano())
 	if r := s.stopReason(); !strings.Contains(r, "too little of the window left") {
 		t.Errorf("4 minutes left of a 5-minute minimum: stop reason %q", r)

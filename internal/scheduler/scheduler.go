@@ -17,12 +17,14 @@ import (
 	"github.com/ceph/go-ceph/rados"
 	"go.uber.org/zap"
 
+	"github.com/flattend/flattend/internal/backoff"
 	"github.com/flattend/flattend/internal/cephconn"
 	"github.com/flattend/flattend/internal/discovery"
 	"github.com/flattend/flattend/internal/flattener"
 	"github.com/flattend/flattend/internal/gate"
 	"github.com/flattend/flattend/internal/lock"
 	"github.com/flattend/flattend/internal/metrics"
+	"github.com/flattend/flattend/internal/window"
 )
 
 // ErrWindowClosed is the cause of cancellation when the night window ends.
@@ -38,7 +40,7 @@ var errInUse = errors.New("in use by another client")
 // Config is what the scheduler needs, already validated.
 type Config struct {
 	Node           string
-	Window         Window
+	Window         window.Window
 	BackoffMin     time.Duration
 	BackoffMax     time.Duration
 	RescanInterval time.Duration // discovery again, inside an open window, after a pass
@@ -110,7 +112,7 @@ type Scheduler struct {
 	// been killed outside flattend, e.g. an `rbd flatten`).
 	checkFirst map[string]bool
 	retries    map[string]retry
-	window     budget
+	budget     budget
 	// windowEnd is the open window's end in Unix nanoseconds (0 for `once`: no window); a reload
 	// may move it while a pass runs.
 	windowEnd atomic.Int64
@@ -201,7 +203,7 @@ func (s *Scheduler) Run(ctx context.Context) error {
 		}
 		s.log.Info("window open", zap.Time("until", end))
 		s.cfg.Metrics.WindowOpen(true)
-		s.window = budget{}
+		s.budget = budget{}
 		s.windowEnd.Store(end.UnixNano())
 		wctx, cancel := context.WithCancelCause(ctx)
 		closer := time.AfterFunc(time.Until(end), func() { cancel(ErrWindowClosed) })
@@ -284,7 +286,7 @@ func (s *Scheduler) applyReload() {
 }
 
 func (s *Scheduler) workWindow(ctx context.Context) {
-	retry := Backoff{Min: s.cfg.BackoffMin, Max: s.cfg.BackoffMax}
+	retry := backoff.Backoff{Min: s.cfg.BackoffMin, Max: s.cfg.BackoffMax}
 	for {
 		sum, err := s.Pass(ctx)
 		if ctx.Err() != nil {
@@ -374,8 +376,8 @@ func (s *Scheduler) work(ctx context.Context, clones []discovery.Clone, sum Summ
 		switch {
 		case err == nil:
 			sum.Flattened++
-			s.window.clones++
-			s.window.bytes += c.Overlap
+			s.budget.clones++
+			s.budget.bytes += c.Overlap
 			delete(s.retries, c.Spec())
 		case errors.As(err, &closed) && closed.Gate == "space":
 			s.cfg.Metrics.GateClosed(closed.Gate)
@@ -423,16 +425,16 @@ func (s *Scheduler) work(ctx context.Context, clones []discovery.Clone, sum Summ
 func (s *Scheduler) stopReason() string {
 	var reason string
 	switch {
-	case s.cfg.MaxPerWindow > 0 && s.window.clones >= s.cfg.MaxPerWindow:
+	case s.cfg.MaxPerWindow > 0 && s.budget.clones >= s.cfg.MaxPerWindow:
 		reason = fmt.Sprintf("flatten.max_per_window (%d) reached", s.cfg.MaxPerWindow)
-	case s.cfg.MaxBytesPerWindow > 0 && s.window.bytes >= s.cfg.MaxBytesPerWindow:
+	case s.cfg.MaxBytesPerWindow > 0 && s.budget.bytes >= s.cfg.MaxBytesPerWindow:
 		reason = fmt.Sprintf("flatten.max_bytes_per_window (%s) reached", gate.Bytes(s.cfg.MaxBytesPerWindow))
 	case s.tooLate():
 		reason = fmt.Sprintf("%s: %s left, flatten.min_time_left is %s", errTooLate,
 			time.Until(time.Unix(0, s.windowEnd.Load())).Round(time.Second), s.cfg.MinTimeLeft)
 	}
-	if reason != "" && !s.window.stopped {
-		s.window.stopped = true
+	if reason != "" && !s.budget.stopped {
+		s.budget.stopped = true
 		s.log.Info("no more flattens in this window", zap.String("reason", reason))
 	}
 	return reason
@@ -455,16 +457,16 @@ func (s *Scheduler) skipReason(c discovery.Clone) string {
 	if r, ok := s.retries[c.Spec()]; ok && time.Now().Before(r.next) {
 		return fmt.Sprintf("failed %d time(s), next try after %s", r.failures, r.next.Format(time.RFC3339))
 	}
-	if max := s.cfg.MaxBytesPerWindow; max > 0 && s.window.bytes+c.Overlap > max {
+	if max := s.cfg.MaxBytesPerWindow; max > 0 && s.budget.bytes+c.Overlap > max {
 		return fmt.Sprintf("%s to copy would exceed flatten.max_bytes_per_window (%s used of %s)",
-			gate.Bytes(c.Overlap), gate.Bytes(s.window.bytes), gate.Bytes(max))
+			gate.Bytes(c.Overlap), gate.Bytes(s.budget.bytes), gate.Bytes(max))
 	}
 	return ""
 }
 
 // flattenOne takes the lock (backing off while it is busy), flattens c under it and releases it.
 func (s *Scheduler) flattenOne(ctx context.Context, c discovery.Clone) error {
-	bo := Backoff{Min: s.cfg.BackoffMin, Max: s.cfg.BackoffMax}
+	bo := backoff.Backoff{Min: s.cfg.BackoffMin, Max: s.cfg.BackoffMax}
 	waitStart := time.Now()
 	checked := false
 	for {

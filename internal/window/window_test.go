@@ -1,4 +1,4 @@
-package scheduler
+package window
 
 import (
 	"testing"
@@ -15,7 +15,7 @@ func mustTime(t *testing.T, s string) time.Time {
 }
 
 func TestWindowAt(t *testing.T) {
-	w, err := NewWindow("0 1 * * *", 5*time.Hour)
+	w, err := New("0 1 * * *", 5*time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,7 +49,7 @@ func TestWindowAt(t *testing.T) {
 
 // A window longer than the schedule's period stays open: consecutive windows merge.
 func TestWindowMerges(t *testing.T) {
-	w, err := NewWindow("0 * * * *", 90*time.Minute)
+	w, err := New("0 * * * *", 90*time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,7 +61,7 @@ func TestWindowMerges(t *testing.T) {
 	if end.Before(mustTime(t, "2026-11-25T00:00:00Z")) {
 		t.Errorf("end = %s, want windows merged far ahead", end)
 	}
-	w2, _ := NewWindow("0 1,3 * * *", 2*time.Hour+30*time.Minute)
+	w2, _ := New("0 1,3 * * *", 2*time.Hour+30*time.Minute)
 	open, end = w2.At(mustTime(t, "2026-11-24T02:00:00Z"))
 	if !open || !end.Equal(mustTime(t, "2026-11-24T05:30:00Z")) {
 		t.Errorf("01:00+2h30 and 03:00+2h30 should merge to end 05:30, got %v %s", open, end)
@@ -69,7 +69,7 @@ func TestWindowMerges(t *testing.T) {
 }
 
 func TestWindowTimeZone(t *testing.T) {
-	w, err := NewWindow("CRON_TZ=Europe/Paris 0 1 * * *", time.Hour)
+	w, err := New("CRON_TZ=Europe/Paris 0 1 * * *", time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -83,26 +83,10 @@ func TestWindowTimeZone(t *testing.T) {
 }
 
 func TestNewWindowErrors(t *testing.T) {
-	if _, err := NewWindow("61 * * * *", time.Hour); err == nil {
+	if _, err := New("61 * * * *", time.Hour); err == nil {
 		t.Error("bad minute accepted")
 	}
-	if _, err := NewWindow("0 1 * * *", 0); err == nil {
+	if _, err := New("0 1 * * *", 0); err == nil {
 		t.Error("zero duration accepted")
-	}
-}
-
-func TestBackoff(t *testing.T) {
-	b := Backoff{Min: 100 * time.Millisecond, Max: time.Second}
-	bounds := []time.Duration{100, 200, 400, 800, 1000, 1000}
-	for i, hi := range bounds {
-		hi *= time.Millisecond
-		d := b.Next()
-		if d < hi/2 || d > hi {
-			t.Errorf("wait %d = %s, want in [%s, %s]", i, d, hi/2, hi)
-		}
-	}
-	b.Reset()
-	if d := b.Next(); d > 100*time.Millisecond {
-		t.Errorf("after Reset: %s", d)
 	}
 }

@@ -1,8 +1,9 @@
-package scheduler
+// Package window is the night window: a cron schedule that opens it and a duration that keeps it
+// open. Windows that overlap or touch merge into one.
+package window
 
 import (
 	"fmt"
-	"math/rand/v2"
 	"time"
 
 	"github.com/robfig/cron/v3"
@@ -15,8 +16,8 @@ type Window struct {
 	duration time.Duration
 }
 
-// NewWindow parses a standard 5-field cron spec (a CRON_TZ= prefix is allowed).
-func NewWindow(spec string, duration time.Duration) (Window, error) {
+// New parses a standard 5-field cron spec (a CRON_TZ= prefix is allowed).
+func New(spec string, duration time.Duration) (Window, error) {
 	if duration <= 0 {
 		return Window{}, fmt.Errorf("window duration must be positive, got %s", duration)
 	}
@@ -53,24 +54,3 @@ func (w Window) At(t time.Time) (open bool, end time.Time) {
 
 // NextOpen returns when the window next opens after t (zero if never).
 func (w Window) NextOpen(t time.Time) time.Time { return w.schedule.Next(t) }
-
-// Backoff is a jittered exponential backoff between Min and Max ("full jitter" on the upper half:
-// each wait is uniform in [d/2, d] so that many waiting nodes spread out).
-type Backoff struct {
-	Min, Max time.Duration
-	cur      time.Duration
-}
-
-// Next returns the wait before the next attempt and doubles the bound.
-func (b *Backoff) Next() time.Duration {
-	if b.cur < b.Min {
-		b.cur = b.Min
-	}
-	d := b.cur
-	b.cur = min(b.cur*2, b.Max)
-	half := d / 2
-	return half + rand.N(d-half+1)
-}
-
-// Reset starts over from Min.
-func (b *Backoff) Reset() { b.cur = 0 }

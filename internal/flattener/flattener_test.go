@@ -12,6 +12,7 @@ import (
 
 	"github.com/flattend/flattend/internal/cephconn"
 	"github.com/flattend/flattend/internal/flattener"
+	"github.com/flattend/flattend/internal/rbdimage"
 	"github.com/flattend/flattend/test/cephtest"
 )
 
@@ -32,13 +33,13 @@ func TestFlattenWithProgress(t *testing.T) {
 	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 32<<20, 22)
 	clone := cephtest.Name(t, "clone")
 	cephtest.Clone(t, ioctx, p, clone, "")
-	target := flattener.Target{Pool: cephtest.Pool, Image: clone}
+	target := rbdimage.Spec{Pool: cephtest.Pool, Image: clone}
 
-	info, err := flattener.Inspect(conn, target)
+	info, err := rbdimage.Inspect(conn, target)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if info.Parent != cephtest.Pool+"/"+p.Name+"@s" || info.Overlap != p.Size {
+	if info.Parent == nil || info.Parent.String() != cephtest.Pool+"/"+p.Name+"@s" || info.Overlap != p.Size {
 		t.Fatalf("Inspect = %+v", info)
 	}
 	var calls, lastDone, lastTotal atomic.Uint64
@@ -67,7 +68,7 @@ func TestFlattenCancelledHalfwayResumes(t *testing.T) {
 	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 64<<20, 16) // 1024 objects of 64 KiB
 	clone := cephtest.Name(t, "clone")
 	cephtest.Clone(t, ioctx, p, clone, "")
-	target := flattener.Target{Pool: cephtest.Pool, Image: clone}
+	target := rbdimage.Spec{Pool: cephtest.Pool, Image: clone}
 
 	cause := errors.New("test stop at half")
 	ctx, cancel := context.WithCancelCause(context.Background())
@@ -112,7 +113,7 @@ func TestFlattenPaced(t *testing.T) {
 	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 16<<20, 20) // 16 objects of 1 MiB
 	clone := cephtest.Name(t, "clone")
 	cephtest.Clone(t, ioctx, p, clone, "")
-	target := flattener.Target{Pool: cephtest.Pool, Image: clone}
+	target := rbdimage.Spec{Pool: cephtest.Pool, Image: clone}
 
 	// 4 MiB/s: object k may start k/4 s after the start. Cancel while the flatten waits.
 	ctx, cancel := context.WithCancel(context.Background())
@@ -133,7 +134,7 @@ func TestFlattenPaced(t *testing.T) {
 	if n := early.Load(); n > 0 {
 		t.Errorf("%d object(s) started ahead of 4 MiB/s", n)
 	}
-	if info, err := flattener.Inspect(conn, target); err != nil || info.Parent == "" {
+	if info, err := rbdimage.Inspect(conn, target); err != nil || info.Parent == nil {
 		t.Fatalf("after the cancel: %+v, %v; want the clone still attached", info, err)
 	}
 
@@ -151,11 +152,11 @@ func TestFlattenPaced(t *testing.T) {
 func TestFlattenMissingImage(t *testing.T) {
 	conn := dial(t, 10)
 	cephtest.IOContext(t, conn)
-	err := flattener.Flatten(context.Background(), conn, flattener.Target{Pool: cephtest.Pool, Image: "no-such-image"}, nil)
-	if !errors.Is(err, flattener.ErrNotFound) {
+	err := flattener.Flatten(context.Background(), conn, rbdimage.Spec{Pool: cephtest.Pool, Image: "no-such-image"}, nil)
+	if !errors.Is(err, rbdimage.ErrNotFound) {
 		t.Fatalf("Flatten = %v, want ErrNotFound", err)
 	}
-	err = flattener.Flatten(context.Background(), conn, flattener.Target{Pool: "no-such-pool", Image: "x"}, nil)
+	err = flattener.Flatten(context.Background(), conn, rbdimage.Spec{Pool: "no-such-pool", Image: "x"}, nil)
 	if err == nil || !strings.Contains(err.Error(), `pool "no-such-pool" does not exist`) {
 		t.Fatalf("Flatten on a missing pool = %v", err)
 	}
@@ -169,14 +170,14 @@ func TestUsers(t *testing.T) {
 	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 4<<20, 22)
 	clone := cephtest.Name(t, "clone")
 	cephtest.Clone(t, ioctx, p, clone, "")
-	target := flattener.Target{Pool: cephtest.Pool, Image: clone}
-	if users, err := flattener.Users(conn, target); err != nil || len(users) != 0 {
+	target := rbdimage.Spec{Pool: cephtest.Pool, Image: clone}
+	if users, err := rbdimage.Users(conn, target); err != nil || len(users) != 0 {
 		t.Fatalf("unused clone: Users = %v, %v; want none", users, err)
 	}
 
 	other := cephtest.Connect(t) // another client, standing in for qemu
 	release := cephtest.HoldLock(t, cephtest.IOContext(t, other), clone)
-	users, err := flattener.Users(conn, target)
+	users, err := rbdimage.Users(conn, target)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -185,10 +186,10 @@ func TestUsers(t *testing.T) {
 		t.Errorf("clone held by another client: Users = %q, want its lock owner and watcher", joined)
 	}
 	release()
-	if users, err := flattener.Users(conn, target); err != nil || len(users) != 0 {
+	if users, err := rbdimage.Users(conn, target); err != nil || len(users) != 0 {
 		t.Errorf("after the other client closed it: Users = %v, %v; want none", users, err)
 	}
-	if _, err := flattener.Users(conn, flattener.Target{Pool: cephtest.Pool, Image: "no-such-image"}); !errors.Is(err, flattener.ErrNotFound) {
+	if _, err := rbdimage.Users(conn, rbdimage.Spec{Pool: cephtest.Pool, Image: "no-such-image"}); !errors.Is(err, rbdimage.ErrNotFound) {
 		t.Errorf("missing image: err = %v, want ErrNotFound", err)
 	}
 }
@@ -202,7 +203,7 @@ func TestRepairCopyupsAfterLostCopyup(t *testing.T) {
 	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 8<<20, 16) // 128 objects of 64 KiB
 	clone := cephtest.Name(t, "clone")
 	cephtest.Clone(t, ioctx, p, clone, "")
-	target := flattener.Target{Pool: cephtest.Pool, Image: clone}
+	target := rbdimage.Spec{Pool: cephtest.Pool, Image: clone}
 
 	const obj = 100
 	cephtest.LoseCopyup(t, ioctx, clone, obj)

@@ -7,6 +7,8 @@ import (
 
 	"github.com/ceph/go-ceph/rados"
 	"github.com/ceph/go-ceph/rbd"
+
+	"github.com/flattend/flattend/internal/rbdimage"
 )
 
 // Object map states (librbd's OBJECT_*), two bits per object.
@@ -30,20 +32,13 @@ const (
 // It takes the clone's exclusive lock (breaking a dead flattener's lock, as librbd does, after
 // its watch times out), so call it where nothing else writes the clone: under the cluster-wide
 // lock. A clone without an object map needs nothing.
-func RepairCopyups(conn *rados.Conn, t Target) ([]uint64, error) {
-	ioctx, err := openPool(conn, t)
+func RepairCopyups(conn *rados.Conn, t rbdimage.Spec) ([]uint64, error) {
+	img, err := rbdimage.Open(conn, t, rbdimage.ReadWrite)
 	if err != nil {
 		return nil, err
 	}
-	defer ioctx.Destroy()
-	img, err := rbd.OpenImage(ioctx, t.Image, rbd.NoSnapshot)
-	if err != nil {
-		if errors.Is(err, rbd.ErrNotFound) {
-			return nil, fmt.Errorf("%s: %w", t, ErrNotFound)
-		}
-		return nil, fmt.Errorf("opening %s: %w", t, err)
-	}
 	defer img.Close()
+	ioctx := img.IOContext()
 	features, err := img.GetFeatures()
 	if err != nil {
 		return nil, fmt.Errorf("features of %s: %w", t, err)

@@ -3,96 +3,25 @@ package flattener
 import (
 	"errors"
 	"fmt"
-	"strings"
 
 	"github.com/ceph/go-ceph/rados"
 	"github.com/ceph/go-ceph/rbd"
+
+	"github.com/flattend/flattend/internal/rbdimage"
 )
-
-// InterruptedKey is the image-meta key set on a clone whose flatten was interrupted (its holder
-// killed, cut off or fenced mid-flatten): its parent snapshot is then never removed
-// automatically (docs/operations.md, "Known issues").
-const InterruptedKey = "flattend.interrupted"
-
-// MarkInterrupted records on t that a flatten of it was interrupted, with note saying when and by
-// whom.
-func MarkInterrupted(conn *rados.Conn, t Target, note string) error {
-	ioctx, err := openPool(conn, t)
-	if err != nil {
-		return err
-	}
-	defer ioctx.Destroy()
-	img, err := rbd.OpenImage(ioctx, t.Image, rbd.NoSnapshot)
-	if err != nil {
-		if errors.Is(err, rbd.ErrNotFound) {
-			return fmt.Errorf("%s: %w", t, ErrNotFound)
-		}
-		return fmt.Errorf("opening %s: %w", t, err)
-	}
-	defer img.Close()
-	if err := img.SetMetadata(InterruptedKey, note); err != nil {
-		return fmt.Errorf("marking %s interrupted: %w", t, err)
-	}
-	return nil
-}
-
-// Interrupted returns the note MarkInterrupted left on t, "" if none.
-func Interrupted(conn *rados.Conn, t Target) (string, error) {
-	ioctx, err := openPool(conn, t)
-	if err != nil {
-		return "", err
-	}
-	defer ioctx.Destroy()
-	img, err := rbd.OpenImageReadOnly(ioctx, t.Image, rbd.NoSnapshot)
-	if err != nil {
-		return "", fmt.Errorf("opening %s: %w", t, err)
-	}
-	defer img.Close()
-	v, err := img.GetMetadata(InterruptedKey)
-	if errors.Is(err, rbd.ErrNotFound) {
-		return "", nil
-	}
-	return v, err
-}
-
-// Snapshot names one snapshot: the parent a clone was made from.
-type Snapshot struct {
-	Target
-	Snap string
-}
-
-func (s Snapshot) String() string { return s.Target.String() + "@" + s.Snap }
-
-// ParseSnapshot reads "pool/image@snap" or "pool/namespace/image@snap".
-func ParseSnapshot(spec string) (Snapshot, error) {
-	i := strings.LastIndexByte(spec, '@')
-	if i < 0 || i == len(spec)-1 {
-		return Snapshot{}, fmt.Errorf("%q is not pool/image@snap", spec)
-	}
-	t, err := ParseTarget(spec[:i])
-	if err != nil {
-		return Snapshot{}, err
-	}
-	return Snapshot{Target: t, Snap: spec[i+1:]}, nil
-}
 
 // RemoveIfUnused removes s when no clone depends on it any more (clones in the trash count: they
 // still read from it), unprotecting it first. It returns whether it removed s and, if not, why.
 // A snapshot that is already gone is not an error: another node flattened the last sibling first,
 // or (clone v2) s was removed earlier and parked in the trash namespace, which librbd empties
 // itself once the last child is flat.
-func RemoveIfUnused(conn *rados.Conn, s Snapshot) (bool, string, error) {
-	ioctx, err := openPool(conn, s.Target)
-	if err != nil {
-		return false, "", err
-	}
-	defer ioctx.Destroy()
-	atSnap, err := rbd.OpenImageReadOnly(ioctx, s.Image, s.Snap)
+func RemoveIfUnused(conn *rados.Conn, s rbdimage.Spec) (bool, string, error) {
+	atSnap, err := rbdimage.Open(conn, s, rbdimage.ReadOnly)
 	switch {
-	case errors.Is(err, rbd.ErrNotFound):
+	case errors.Is(err, rbdimage.ErrNotFound):
 		return false, "already gone", nil
 	case err != nil:
-		return false, "", fmt.Errorf("opening %s: %w", s, err)
+		return false, "", err
 	}
 	children, err := atSnap.ListChildrenAttributes()
 	atSnap.Close()
@@ -107,9 +36,9 @@ func RemoveIfUnused(conn *rados.Conn, s Snapshot) (bool, string, error) {
 		}
 		return false, fmt.Sprintf("%d clone(s) still depend on it, e.g. %s", len(children), where), nil
 	}
-	img, err := rbd.OpenImage(ioctx, s.Image, rbd.NoSnapshot)
+	img, err := rbdimage.Open(conn, s.Head(), rbdimage.ReadWrite)
 	if err != nil {
-		return false, "", fmt.Errorf("opening %s: %w", s.Target, err)
+		return false, "", err
 	}
 	defer img.Close()
 	snap := img.GetSnapshot(s.Snap)

@@ -18,6 +18,7 @@ import (
 	"github.com/ceph/go-ceph/rados"
 
 	"github.com/flattend/flattend/internal/cephconn"
+	"github.com/flattend/flattend/internal/humanize"
 )
 
 // ErrClosed is wrapped by every error that means "a gate is closed": not a failure of the clone,
@@ -82,9 +83,6 @@ func Check(conn *rados.Conn, c Config, pool string, need uint64) error {
 // Errors asking the cluster do not close the gate (the lock's own checks deal with a lost
 // cluster). The returned cancel stops the watching goroutine.
 func Watch(ctx context.Context, conn *rados.Conn, c Config, pool string, interval time.Duration, need func() uint64) (context.Context, context.CancelFunc) {
-	if interval <= 0 {
-		interval = 15 * time.Second
-	}
 	wctx, cancel := context.WithCancelCause(ctx)
 	done := make(chan struct{})
 	go func() {
@@ -247,21 +245,7 @@ func space(conn *rados.Conn, pool string, need uint64, factor float64) error {
 	want := uint64(float64(need) * factor)
 	if avail <= want {
 		return &Closed{Gate: "space", Reason: fmt.Sprintf("pool %s has %s available, the flatten needs %s × %g = %s",
-			pool, Bytes(avail), Bytes(need), factor, Bytes(want))}
+			pool, humanize.Bytes(avail), humanize.Bytes(need), factor, humanize.Bytes(want))}
 	}
 	return nil
-}
-
-// Bytes formats n in binary units for log lines and errors.
-func Bytes(n uint64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := uint64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

@@ -3,7 +3,6 @@ package gate
 import (
 	"encoding/json"
 	"errors"
-	"strings"
 	"testing"
 )
 
@@ -48,12 +47,5 @@ func check(t *testing.T, reply string, err error, want string) {
 		t.Errorf("%s: closed (%v), want open", reply, err)
 	case want != "" && (err == nil || err.Error() != want || !errors.Is(err, ErrClosed)):
 		t.Errorf("%s:\n got %v\nwant %s", reply, err, want)
-	}
-}
-
-func TestBytes(t *testing.T) {
-	got := strings.Join([]string{Bytes(512), Bytes(64 << 20), Bytes(3 << 29)}, ", ")
-	if got != "512 B, 64.0 MiB, 1.5 GiB" {
-		t.Errorf("Bytes = %s", got)
 	}
 }

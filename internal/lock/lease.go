@@ -79,8 +79,9 @@ func (m *Mutex) newLease(img *rbd.Image, slot int) *Lease {
 		}
 	}
 	l.record = Record{Node: m.o.Node, PID: os.Getpid(), Client: client, Since: l.since.UTC()}
+	// Not written yet: Working writes it before any flatten, and a handover is a few
+	// milliseconds faster without a second write.
 	l.dirty = true
-	_ = l.writeRecord() // best effort: Working writes it again, and must succeed
 	l.monitored.Add(1)
 	go l.monitor()
 	return l
@@ -211,10 +212,14 @@ func (l *Lease) confirm() error {
 
 func (l *Lease) lose(err error) {
 	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.err == nil && !l.unlocked {
+	first := l.err == nil && !l.unlocked
+	if first {
 		l.err = err
 		close(l.done)
+	}
+	l.mu.Unlock()
+	if first && l.m.lost != nil {
+		l.m.lost(err)
 	}
 }
 
@@ -249,6 +254,10 @@ func (l *Lease) Unlock() error {
 	}
 	if lost != nil && !errors.Is(err, ErrLost) {
 		err = fmt.Errorf("%w: %w", ErrLost, err)
+	}
+	if err != nil && l.m.lost != nil {
+		// A lock that could not be released cleanly is not to be trusted on this connection.
+		l.m.lost(fmt.Errorf("%w: %w", ErrLost, err))
 	}
 	return err
 }

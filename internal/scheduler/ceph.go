@@ -1,0 +1,81 @@
+package scheduler
+
+import (
+	"context"
+	"time"
+
+	"github.com/ceph/go-ceph/rados"
+	"go.uber.org/zap"
+
+	"github.com/flattend/flattend/internal/discovery"
+	"github.com/flattend/flattend/internal/flattener"
+	"github.com/flattend/flattend/internal/gate"
+	"github.com/flattend/flattend/internal/lock"
+	"github.com/flattend/flattend/internal/rbdimage"
+)
+
+// CephConnector makes real sessions: each dials a new RADOS connection, on which it takes the
+// lock (lock.Session) and does every clone operation.
+func CephConnector(dial lock.Dialer, log *zap.Logger) Connector {
+	return func(o lock.Options) (Locker, Flattener, error) {
+		busy := func(wait time.Duration) {
+			log.Debug("lock busy, backing off", zap.String("lock", o.Pool+"/"+o.Image), zap.Duration("wait", wait))
+		}
+		sess, err := lock.NewSession(dial, o, lock.Hooks{Busy: busy})
+		if err != nil {
+			return nil, nil, err
+		}
+		return cephLocker{sess}, cephFlattener{sess.Conn()}, nil
+	}
+}
+
+type cephLocker struct{ s *lock.Session }
+
+func (l cephLocker) Lock(ctx context.Context) (Lease, error) {
+	lease, err := l.s.Lock(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return lease, nil
+}
+
+func (l cephLocker) StopWaiting()                    { l.s.Mutex().StopWaiting() }
+func (l cephLocker) Close(ctx context.Context) error { return l.s.Close(ctx) }
+
+type cephFlattener struct{ conn *rados.Conn }
+
+func (f cephFlattener) Discover(ctx context.Context, sources []discovery.Source) ([]discovery.Clone, error) {
+	return discovery.Discover(ctx, f.conn, sources)
+}
+
+func (f cephFlattener) CheckGates(g gate.Config, pool string, need uint64) error {
+	return gate.Check(f.conn, g, pool, need)
+}
+
+func (f cephFlattener) WatchGates(ctx context.Context, g gate.Config, pool string, every time.Duration, need func() uint64) (context.Context, context.CancelFunc) {
+	return gate.Watch(ctx, f.conn, g, pool, every, need)
+}
+
+func (f cephFlattener) Inspect(s rbdimage.Spec) (rbdimage.Info, error) {
+	return rbdimage.Inspect(f.conn, s)
+}
+func (f cephFlattener) Users(s rbdimage.Spec) ([]string, error) { return rbdimage.Users(f.conn, s) }
+func (f cephFlattener) Repair(s rbdimage.Spec) ([]uint64, error) {
+	return flattener.RepairCopyups(f.conn, s)
+}
+
+func (f cephFlattener) MarkInterrupted(s rbdimage.Spec, note string) error {
+	return flattener.MarkInterrupted(f.conn, s, note)
+}
+
+func (f cephFlattener) Interrupted(s rbdimage.Spec) (string, error) {
+	return flattener.Interrupted(f.conn, s)
+}
+
+func (f cephFlattener) Flatten(ctx context.Context, s rbdimage.Spec, bytesPerSecond uint64, progress func(done, total uint64)) error {
+	return flattener.FlattenPaced(ctx, f.conn, s, bytesPerSecond, progress)
+}
+
+func (f cephFlattener) RemoveSnapshotIfUnused(snap rbdimage.Spec) (bool, string, error) {
+	return flattener.RemoveIfUnused(f.conn, snap)
+}

@@ -1,0 +1,189 @@
+package scheduler
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/flattend/flattend/internal/backoff"
+	"github.com/flattend/flattend/internal/discovery"
+	"github.com/flattend/flattend/internal/gate"
+	"github.com/flattend/flattend/internal/lock"
+	"github.com/flattend/flattend/internal/rbdimage"
+)
+
+// The job for one clone: ask what can be asked before the lock (gates, the clone's state and
+// users), take a slot, ask again only what went stale while waiting, repair what an interrupted
+// flatten may have lost, flatten under the lease, release, clean up. The job talks to the
+// cluster through two small interfaces, so that its rules are tested with fakes.
+
+// Locker is the cluster-wide lock, on one session (lock.Session).
+type Locker interface {
+	// Lock blocks until this node holds a slot; an error wrapping lock.ErrLost means the
+	// session is dead.
+	Lock(ctx context.Context) (Lease, error)
+	// StopWaiting leaves the queue of waiters: this node has nothing more to do for now.
+	StopWaiting()
+	// Close ends the session, waiting until ctx ends for librbd calls still running.
+	Close(ctx context.Context) error
+}
+
+// Lease is a held slot (lock.Lease).
+type Lease interface {
+	Image() string
+	// Context is cancelled, with Err as its cause, when the lock is lost.
+	Context(parent context.Context) (context.Context, context.CancelFunc)
+	// Interrupted is the record of a previous holder that lost the slot mid-flatten (or nil).
+	Interrupted() *lock.Record
+	// Working records the clone about to be flattened; no flatten may start if it fails.
+	Working(clone string) error
+	Progress(done, total uint64)
+	Err() error
+	Unlock() error
+}
+
+// Flattener does the work on clones, on the session's connection (the one the lock fences).
+type Flattener interface {
+	Discover(ctx context.Context, sources []discovery.Source) ([]discovery.Clone, error)
+	// CheckGates is nil when every enabled gate lets need more bytes into pool.
+	CheckGates(g gate.Config, pool string, need uint64) error
+	// WatchGates is cancelled, with the *gate.Closed error as cause, when a gate closes.
+	WatchGates(ctx context.Context, g gate.Config, pool string, every time.Duration, need func() uint64) (context.Context, context.CancelFunc)
+	Inspect(s rbdimage.Spec) (rbdimage.Info, error)
+	Users(s rbdimage.Spec) ([]string, error)
+	// Repair copies up the objects an interrupted flatten may have lost (their numbers).
+	Repair(s rbdimage.Spec) ([]uint64, error)
+	MarkInterrupted(s rbdimage.Spec, note string) error
+	Interrupted(s rbdimage.Spec) (string, error)
+	Flatten(ctx context.Context, s rbdimage.Spec, bytesPerSecond uint64, progress func(done, total uint64)) error
+	RemoveSnapshotIfUnused(snap rbdimage.Spec) (removed bool, why string, err error)
+}
+
+// Connector makes a session: the lock's slots and the clone operations on one new connection.
+type Connector func(o lock.Options) (Locker, Flattener, error)
+
+// errResume means the job lost its session: take it up again on a new one.
+var errResume = errors.New("session lost: resume on a new one")
+
+// flattenClone runs c's job until it ends; after a lost session it is taken up again on a new
+// one, where the flatten resumes from where the copy stopped.
+func (s *Scheduler) flattenClone(ctx context.Context, c discovery.Clone) error {
+	bo := backoff.Backoff{Min: s.cfg.BackoffMin, Max: s.cfg.BackoffMax}
+	for {
+		sess, err := s.session()
+		if err != nil {
+			return err
+		}
+		if err = s.job(ctx, sess, c); !errors.Is(err, errResume) {
+			return err
+		}
+		if err := sleep(ctx, bo.Next()); err != nil {
+			return err
+		}
+	}
+}
+
+// prepared is what the job asked before the lock, and when.
+type prepared struct {
+	info rbdimage.Info
+	at   time.Time
+	done bool // nothing to do: flat already, or gone
+}
+
+// job is one attempt at c on sess.
+func (s *Scheduler) job(ctx context.Context, sess *session, c discovery.Clone) error {
+	pre, err := s.prepare(sess, c)
+	if err != nil || pre.done {
+		return err
+	}
+	waitStart := time.Now()
+	lease, err := sess.Lock(ctx)
+	switch {
+	case lost(err):
+		s.log.Warn("connection fenced, reconnecting", zap.Error(err))
+		s.discard()
+		return errResume
+	case err != nil:
+		return err
+	}
+	s.log.Debug("lock acquired", zap.String("lock", lease.Image()), zap.String("image", specOf(c).String()), zap.Duration("waited", time.Since(waitStart)))
+	s.cfg.Metrics.LockAcquired(time.Since(waitStart))
+	ferr := s.underLease(ctx, sess, lease, c, pre)
+	uerr := lease.Unlock()
+	s.log.Debug("lock released", zap.String("lock", lease.Image()), zap.NamedError("unlock_error", uerr))
+	isLost := lost(uerr, ferr)
+	s.cfg.Metrics.LockReleased(isLost)
+	if isLost || uerr != nil {
+		// The lock was lost or the connection fenced: never reuse it.
+		s.log.Warn("lock lost, reconnecting", zap.NamedError("lease", uerr), zap.NamedError("flatten", ferr))
+		s.discard()
+	}
+	switch {
+	case ferr == nil:
+		// Even if the loss shows only now: librbd detaches the parent only after every object
+		// is copied, and a fenced client cannot finish, so a finished flatten is complete.
+		if !isLost {
+			s.cleanupParent(sess, c)
+		}
+		return nil
+	case ctx.Err() == nil && isLost:
+		// Losing the lock is not the clone's fault: resume where the copy stopped.
+		s.unclean[specOf(c).String()] = true
+		return errResume
+	}
+	return ferr
+}
+
+// prepare asks, before the lock, whether c still needs a flatten and may have one now: its
+// parent, its users and the gates. The answers are used after the grant if they are still
+// fresh (gates.check_interval), so that a handover costs only what must be done under the lock.
+func (s *Scheduler) prepare(sess *session, c discovery.Clone) (prepared, error) {
+	spec := specOf(c)
+	log := s.log.With(zap.String("image", spec.String()))
+	info, err := sess.Inspect(spec)
+	switch {
+	case errors.Is(err, rbdimage.ErrNotFound):
+		log.Info("image gone since discovery, skipped")
+		return prepared{done: true}, nil
+	case err != nil:
+		return prepared{}, err
+	case info.Parent == nil:
+		log.Info("already flat")
+		return prepared{done: true}, nil
+	}
+	users, err := sess.Users(spec)
+	if err != nil {
+		return prepared{}, err
+	}
+	if err := InUse(users, s.cfg.AllowInUse); err != nil {
+		return prepared{}, err
+	}
+	if len(users) > 0 {
+		log.Warn("clone in use: librbd may hand the flatten to that client, beyond our throttle and cancel (flatten.in_use: allow)",
+			zap.Strings("users", users))
+	}
+	if err := sess.CheckGates(s.cfg.Gates, spec.Pool, info.Overlap); err != nil {
+		return prepared{}, err
+	}
+	return prepared{info: info, at: time.Now()}, nil
+}
+
+// underLease is the part of the job that needs the lock.
+func (s *Scheduler) underLease(ctx context.Context, sess *session, lease Lease, c discovery.Clone, pre prepared) error {
+	if s.tooLate() {
+		return errTooLate // the wait for the lock took the window's rest
+	}
+	if err := s.repairInterrupted(sess, lease, c); err != nil {
+		return err
+	}
+	if time.Since(pre.at) > s.cfg.GateInterval {
+		// The wait outlasted the answers: ask again, now under the lock.
+		var err error
+		if pre, err = s.prepare(sess, c); err != nil || pre.done {
+			return err
+		}
+	}
+	return s.flattenUnder(ctx, sess, lease, c, pre.info)
+}

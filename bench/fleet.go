@@ -20,8 +20,8 @@ import (
 
 	"github.com/ceph/go-ceph/rados"
 
-	"github.com/flattend/flattend/internal/lock"
 	"github.com/flattend/flattend/internal/backoff"
+	"github.com/flattend/flattend/internal/lock"
 )
 
 const fleetPool = "bench-fleet"

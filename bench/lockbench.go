@@ -36,6 +36,7 @@ import (
 	"github.com/flattend/flattend/bench/timeline"
 	"github.com/flattend/flattend/internal/cephconn"
 	"github.com/flattend/flattend/internal/flattener"
+	"github.com/flattend/flattend/internal/rbdimage"
 )
 
 const lockPool = "bench-lock"
@@ -396,7 +397,7 @@ func writeSVG(out, name, title string, bars []timeline.Bar) {
 func flattenAlone(conn *rados.Conn, clones []string) float64 {
 	start := time.Now()
 	for _, c := range clones {
-		check(flattener.Flatten(context.Background(), conn, flattener.Target{Pool: lockPool, Image: c}, nil))
+		check(flattener.Flatten(context.Background(), conn, rbdimage.Spec{Pool: lockPool, Image: c}, nil))
 	}
 	return time.Since(start).Seconds()
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/flattend/flattend/internal/cephconn"
 	"github.com/flattend/flattend/internal/flattener"
+	"github.com/flattend/flattend/internal/rbdimage"
 )
 
 // resumeRound is one pair of twin clones: one flattened in one go, the other stopped at half way
@@ -95,7 +96,7 @@ func benchResume(conf, out string, mib, rounds int) {
 // not an error.
 func timeFlatten(ctx context.Context, conn *rados.Conn, name string, progress flattener.Progress) float64 {
 	start := time.Now()
-	err := flattener.Flatten(ctx, conn, flattener.Target{Pool: "bench-resume", Image: name}, progress)
+	err := flattener.Flatten(ctx, conn, rbdimage.Spec{Pool: "bench-resume", Image: name}, progress)
 	if err != nil && !errors.Is(err, flattener.ErrCancelled) {
 		fail("flatten %s: %v", name, err)
 	}

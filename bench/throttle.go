@@ -20,6 +20,7 @@ import (
 	"github.com/ceph/go-ceph/rbd"
 
 	"github.com/flattend/flattend/internal/flattener"
+	"github.com/flattend/flattend/internal/rbdimage"
 )
 
 const throttlePool = "bench-throttle"
@@ -121,7 +122,7 @@ func benchThrottle(conn *rados.Conn, out string, mib int, opsList, paceList []in
 				clone(ioctx, "parent", name, "")
 				fconn := dial(map[string]string{"rbd_concurrent_management_ops": strconv.Itoa(ops)})
 				t := time.Now()
-				check(flattener.FlattenPaced(context.Background(), fconn, flattener.Target{Pool: throttlePool, Image: name}, uint64(pace)<<20, nil))
+				check(flattener.FlattenPaced(context.Background(), fconn, rbdimage.Spec{Pool: throttlePool, Image: name}, uint64(pace)<<20, nil))
 				elapsed = time.Since(t)
 				fconn.Shutdown()
 				run.FlattenS = elapsed.Seconds()
@@ -229,7 +230,7 @@ func benchQoS(conn *rados.Conn, ioctx *rados.IOContext, mib, limitMiB int) []qos
 	var res []qosRun
 	flat := func(name, what, setting string) {
 		t := time.Now()
-		check(flattener.Flatten(context.Background(), conn, flattener.Target{Pool: throttlePool, Image: name}, nil))
+		check(flattener.Flatten(context.Background(), conn, rbdimage.Spec{Pool: throttlePool, Image: name}, nil))
 		s := time.Since(t).Seconds()
 		res = append(res, qosRun{Case: what, Setting: setting, Seconds: s, MBps: float64(mib) / s, Expected: map[bool]string{true: expect, false: ""}[setting != ""]})
 	}
@@ -296,7 +297,7 @@ func knobCheck(ioctx *rados.IOContext, opsList []int) []knobRun {
 		opts.Destroy()
 		fconn := dial(map[string]string{"rbd_concurrent_management_ops": strconv.Itoa(ops)})
 		t := time.Now()
-		check(flattener.Flatten(context.Background(), fconn, flattener.Target{Pool: throttlePool, Image: name}, nil))
+		check(flattener.Flatten(context.Background(), fconn, rbdimage.Spec{Pool: throttlePool, Image: name}, nil))
 		res = append(res, knobRun{CloneMiB: 64, ConcurrentOps: ops, FlattenS: time.Since(t).Seconds()})
 		fconn.Shutdown()
 		removeImages(ioctx, []string{name})

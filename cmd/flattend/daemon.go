@@ -19,9 +19,9 @@ import (
 
 	"github.com/flattend/flattend/internal/config"
 	"github.com/flattend/flattend/internal/discovery"
-	"github.com/flattend/flattend/internal/flattener"
 	"github.com/flattend/flattend/internal/lock"
 	"github.com/flattend/flattend/internal/metrics"
+	"github.com/flattend/flattend/internal/rbdimage"
 	"github.com/flattend/flattend/internal/scheduler"
 )
 
@@ -153,7 +153,7 @@ func reloadConfig(current *atomic.Pointer[config.Config], level zap.AtomicLevel,
 
 // imageClone describes the one clone `once --image` flattens.
 func imageClone(dial func() (*rados.Conn, error), spec string) (discovery.Clone, error) {
-	t, err := flattener.ParseTarget(spec)
+	t, err := rbdimage.Parse(spec)
 	if err != nil {
 		return discovery.Clone{}, err
 	}
@@ -162,7 +162,7 @@ func imageClone(dial func() (*rados.Conn, error), spec string) (discovery.Clone,
 		return discovery.Clone{}, err
 	}
 	defer conn.Shutdown()
-	info, err := flattener.Inspect(conn, t)
+	info, err := rbdimage.Inspect(conn, t)
 	if err != nil {
 		return discovery.Clone{}, err
 	}

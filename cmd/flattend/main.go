@@ -22,13 +22,13 @@ import (
 	"github.com/flattend/flattend/internal/cephconn"
 	"github.com/flattend/flattend/internal/config"
 	"github.com/flattend/flattend/internal/discovery"
-	"github.com/flattend/flattend/internal/flattener"
 	"github.com/flattend/flattend/internal/gate"
 	"github.com/flattend/flattend/internal/lock"
 	"github.com/flattend/flattend/internal/metrics"
+	"github.com/flattend/flattend/internal/rbdimage"
 	"github.com/flattend/flattend/internal/scheduler"
-	"github.com/flattend/flattend/internal/window"
 	"github.com/flattend/flattend/internal/status"
+	"github.com/flattend/flattend/internal/window"
 )
 
 // Exit codes.
@@ -159,7 +159,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 
 	if image != "" {
-		if _, err := flattener.ParseTarget(image); err != nil {
+		if _, err := rbdimage.Parse(image); err != nil {
 			fmt.Fprintf(stderr, "flattend once: --image: %v\n", err)
 			return exitUsage
 		}

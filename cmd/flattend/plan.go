@@ -15,8 +15,8 @@ import (
 
 	"github.com/flattend/flattend/internal/config"
 	"github.com/flattend/flattend/internal/discovery"
-	"github.com/flattend/flattend/internal/flattener"
 	"github.com/flattend/flattend/internal/gate"
+	"github.com/flattend/flattend/internal/rbdimage"
 	"github.com/flattend/flattend/internal/scheduler"
 )
 
@@ -102,10 +102,10 @@ func buildPlan(ctx context.Context, cfg *config.Config, conn *rados.Conn, now ti
 	}
 	scheduler.Order(found.Clones, cfg.Flatten.Order)
 	for _, c := range found.Clones {
-		t := flattener.Target{Pool: c.Pool, Namespace: c.Namespace, Image: c.Image}
-		users, err := flattener.Users(conn, t)
+		t := rbdimage.Spec{Pool: c.Pool, Namespace: c.Namespace, Image: c.Image}
+		users, err := rbdimage.Users(conn, t)
 		switch {
-		case errors.Is(err, flattener.ErrNotFound):
+		case errors.Is(err, rbdimage.ErrNotFound):
 			p.Skipped = append(p.Skipped, PlanSkipped{Image: c.Spec(), Source: c.Source, Reason: "removed since discovery"})
 			continue
 		case err != nil:

@@ -22,6 +22,7 @@ import (
 	"github.com/flattend/flattend/internal/flattener"
 	"github.com/flattend/flattend/internal/lock"
 	"github.com/flattend/flattend/internal/metrics"
+	"github.com/flattend/flattend/internal/rbdimage"
 	"github.com/flattend/flattend/internal/scheduler"
 )
 
@@ -166,7 +167,13 @@ func imageClone(dial func() (*rados.Conn, error), spec string) (discovery.Clone,
 	if err != nil {
 		return discovery.Clone{}, err
 	}
-	return discovery.Clone{Pool: t.Pool, Namespace: t.Namespace, Image: t.Image, Parent: info.Parent,
+	var parent rbdimage.Spec
+	if info.Parent != "" {
+		if parent, err = rbdimage.Parse(info.Parent); err != nil {
+			return discovery.Clone{}, err
+		}
+	}
+	return discovery.Clone{Spec: rbdimage.Spec{Pool: t.Pool, Namespace: t.Namespace, Image: t.Image}, Parent: parent,
 		Size: info.Size, Overlap: info.Overlap, Source: "command line"}, nil
 }
 

@@ -27,6 +27,6 @@ func Order(clones []discovery.Clone, keys []string) {
 				return c
 			}
 		}
-		return cmp.Compare(a.Spec(), b.Spec())
+		return cmp.Compare(a.String(), b.String())
 	})
 }

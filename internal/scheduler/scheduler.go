@@ -346,7 +346,7 @@ func (s *Scheduler) Pass(ctx context.Context) (Summary, error) {
 // first checked for copy-ups lost by an earlier flatten that was killed (see RepairCopyups).
 func (s *Scheduler) Flatten(ctx context.Context, clones []discovery.Clone) Summary {
 	for _, c := range clones {
-		s.checkFirst[c.Spec()] = true
+		s.checkFirst[c.String()] = true
 	}
 	return s.work(ctx, clones, Summary{Discovered: len(clones)})
 }
@@ -367,10 +367,10 @@ func (s *Scheduler) work(ctx context.Context, clones []discovery.Clone, sum Summ
 			break
 		}
 		if skip := s.skipReason(c); skip != "" {
-			sum.Skipped = append(sum.Skipped, c.Spec()+": "+skip)
+			sum.Skipped = append(sum.Skipped, c.String()+": "+skip)
 			continue
 		}
-		s.setState("clone %d of %d, %s: waiting for a slot", i+1, len(clones), c.Spec())
+		s.setState("clone %d of %d, %s: waiting for a slot", i+1, len(clones), c.String())
 		err := s.flattenOne(ctx, c)
 		var closed *gate.Closed
 		switch {
@@ -378,34 +378,34 @@ func (s *Scheduler) work(ctx context.Context, clones []discovery.Clone, sum Summ
 			sum.Flattened++
 			s.budget.clones++
 			s.budget.bytes += c.Overlap
-			delete(s.retries, c.Spec())
+			delete(s.retries, c.String())
 		case errors.As(err, &closed) && closed.Gate == "space":
 			s.cfg.Metrics.GateClosed(closed.Gate)
 			// Only this clone's pool is short of room: smaller clones or other pools may fit.
-			s.log.Warn("safety gate closed, clone left for later", zap.String("image", c.Spec()), zap.Error(err))
-			sum.Skipped = append(sum.Skipped, c.Spec()+": "+err.Error())
+			s.log.Warn("safety gate closed, clone left for later", zap.String("image", c.String()), zap.Error(err))
+			sum.Skipped = append(sum.Skipped, c.String()+": "+err.Error())
 		case errors.As(err, &closed):
 			s.cfg.Metrics.GateClosed(closed.Gate)
-			s.log.Warn("safety gate closed, pass stopped", zap.String("image", c.Spec()), zap.Error(err))
+			s.log.Warn("safety gate closed, pass stopped", zap.String("image", c.String()), zap.Error(err))
 			sum.Left += len(clones) - i
 			sum.Stopped, sum.GateClosed = err.Error(), true
 		case errors.Is(err, errTooLate):
 			sum.Left += len(clones) - i
 			sum.Stopped = err.Error()
 		case errors.Is(err, errInUse):
-			s.log.Info("clone in use, skipped (flatten.in_use: skip)", zap.String("image", c.Spec()), zap.Error(err))
-			sum.Skipped = append(sum.Skipped, c.Spec()+": "+err.Error())
+			s.log.Info("clone in use, skipped (flatten.in_use: skip)", zap.String("image", c.String()), zap.Error(err))
+			sum.Skipped = append(sum.Skipped, c.String()+": "+err.Error())
 		case ctx.Err() != nil:
 			sum.Left++
 		default:
-			r := s.retries[c.Spec()]
+			r := s.retries[c.String()]
 			r.failures++
 			wait := s.retryAfter(r.failures)
 			r.next = time.Now().Add(wait)
-			s.retries[c.Spec()] = r
-			s.log.Error("flatten failed", zap.String("image", c.Spec()), zap.Int("failures", r.failures),
+			s.retries[c.String()] = r
+			s.log.Error("flatten failed", zap.String("image", c.String()), zap.Int("failures", r.failures),
 				zap.Duration("retry_in", wait), zap.Error(err))
-			sum.Failed = append(sum.Failed, c.Spec()+": "+err.Error())
+			sum.Failed = append(sum.Failed, c.String()+": "+err.Error())
 		}
 		if sum.Stopped != "" {
 			break
@@ -454,7 +454,7 @@ func (s *Scheduler) tooLate() bool {
 // skipReason says why c is not tried in this pass: it failed recently, or it alone would take
 // the window over its byte budget. Empty means try it.
 func (s *Scheduler) skipReason(c discovery.Clone) string {
-	if r, ok := s.retries[c.Spec()]; ok && time.Now().Before(r.next) {
+	if r, ok := s.retries[c.String()]; ok && time.Now().Before(r.next) {
 		return fmt.Sprintf("failed %d time(s), next try after %s", r.failures, r.next.Format(time.RFC3339))
 	}
 	if max := s.cfg.MaxBytesPerWindow; max > 0 && s.budget.bytes+c.Overlap > max {
@@ -485,7 +485,7 @@ func (s *Scheduler) flattenOne(ctx context.Context, c discovery.Clone) error {
 			// Our last release went to a node that was waiting: wait our turn like everyone.
 			mutex.Wait()
 			d := bo.Next()
-			s.log.Debug("slot handed over, waiting our turn", zap.String("image", c.Spec()), zap.Duration("wait", d))
+			s.log.Debug("slot handed over, waiting our turn", zap.String("image", c.String()), zap.Duration("wait", d))
 			if err := waitForRelease(ctx, mutex.Wake(), d); err != nil {
 				return err
 			}
@@ -494,7 +494,7 @@ func (s *Scheduler) flattenOne(ctx context.Context, c discovery.Clone) error {
 		switch {
 		case errors.Is(err, lock.ErrLocked):
 			d := bo.Next()
-			s.log.Debug("lock busy, backing off", zap.String("lock", mutex.Name()), zap.String("image", c.Spec()), zap.Duration("wait", d))
+			s.log.Debug("lock busy, backing off", zap.String("lock", mutex.Name()), zap.String("image", c.String()), zap.Duration("wait", d))
 			if err := waitForRelease(ctx, mutex.Wake(), d); err != nil {
 				return err
 			}
@@ -509,7 +509,7 @@ func (s *Scheduler) flattenOne(ctx context.Context, c discovery.Clone) error {
 		case err != nil:
 			return err
 		}
-		s.log.Debug("lock acquired", zap.String("lock", lease.Image()), zap.String("image", c.Spec()), zap.Duration("waited", time.Since(waitStart)))
+		s.log.Debug("lock acquired", zap.String("lock", lease.Image()), zap.String("image", c.String()), zap.Duration("waited", time.Since(waitStart)))
 		s.cfg.Metrics.LockAcquired(time.Since(waitStart))
 
 		ferr := s.repairInterrupted(conn, lease, c)
@@ -534,7 +534,7 @@ func (s *Scheduler) flattenOne(ctx context.Context, c discovery.Clone) error {
 			}
 			return nil
 		case ctx.Err() == nil && lost:
-			s.unclean[c.Spec()] = true
+			s.unclean[c.String()] = true
 			// Losing the lock is not the clone's fault: take it again (on a new connection) and
 			// resume where the copy stopped.
 			if err := sleep(ctx, bo.Next()); err != nil {
@@ -550,14 +550,14 @@ func (s *Scheduler) flattenOne(ctx context.Context, c discovery.Clone) error {
 // needs it any more. It never removes the parent of a clone whose flatten was interrupted: that
 // clone must be checked first (docs/operations.md, "Known issues"). Failures are only logged.
 func (s *Scheduler) cleanupParent(conn *rados.Conn, c discovery.Clone) {
-	if s.cfg.CleanupSnapshots == nil || c.Parent == "" {
+	if s.cfg.CleanupSnapshots == nil || c.Parent.Image == "" {
 		return
 	}
-	snap, err := flattener.ParseSnapshot(c.Parent)
+	snap, err := flattener.ParseSnapshot(c.Parent.String())
 	if err != nil || !s.cfg.CleanupSnapshots.MatchString(snap.Snap) {
 		return
 	}
-	log := s.log.With(zap.String("image", c.Spec()), zap.String("snapshot", c.Parent))
+	log := s.log.With(zap.String("image", c.String()), zap.String("snapshot", c.Parent.String()))
 	t := flattener.Target{Pool: c.Pool, Namespace: c.Namespace, Image: c.Image}
 	if note, err := flattener.Interrupted(conn, t); err != nil || note != "" {
 		log.Warn("parent snapshot kept: this clone's flatten was interrupted; check the clone, then remove the snapshot by hand",
@@ -588,8 +588,8 @@ func (s *Scheduler) repairInterrupted(conn *rados.Conn, lease *lock.Lease, c dis
 			zap.String("holder", r.Node), zap.Int("pid", r.PID), zap.String("clone", r.Clone))
 		specs = append(specs, r.Clone)
 	}
-	if (s.unclean[c.Spec()] || s.checkFirst[c.Spec()]) && !slices.Contains(specs, c.Spec()) {
-		specs = append(specs, c.Spec())
+	if (s.unclean[c.String()] || s.checkFirst[c.String()]) && !slices.Contains(specs, c.String()) {
+		specs = append(specs, c.String())
 	}
 	var cErr error
 	for _, spec := range specs {
@@ -610,7 +610,7 @@ func (s *Scheduler) repairInterrupted(conn *rados.Conn, lease *lock.Lease, c dis
 			delete(s.checkFirst, spec)
 		default:
 			s.log.Error("repairing an interrupted flatten failed", zap.String("image", spec), zap.Error(err))
-			if spec == c.Spec() {
+			if spec == c.String() {
 				cErr = fmt.Errorf("not resuming an interrupted flatten before it is repaired: %w", err)
 			}
 		}

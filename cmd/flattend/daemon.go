@@ -166,7 +166,13 @@ func imageClone(dial func() (*rados.Conn, error), spec string) (discovery.Clone,
 	if err != nil {
 		return discovery.Clone{}, err
 	}
-	return discovery.Clone{Pool: t.Pool, Namespace: t.Namespace, Image: t.Image, Parent: info.Parent,
+	var parent rbdimage.Spec
+	if info.Parent != "" {
+		if parent, err = rbdimage.Parse(info.Parent); err != nil {
+			return discovery.Clone{}, err
+		}
+	}
+	return discovery.Clone{Spec: rbdimage.Spec{Pool: t.Pool, Namespace: t.Namespace, Image: t.Image}, Parent: parent,
 		Size: info.Size, Overlap: info.Overlap, Source: "command line"}, nil
 }
 

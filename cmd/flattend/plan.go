@@ -102,22 +102,21 @@ func buildPlan(ctx context.Context, cfg *config.Config, conn *rados.Conn, now ti
 	}
 	scheduler.Order(found.Clones, cfg.Flatten.Order)
 	for _, c := range found.Clones {
-		t := rbdimage.Spec{Pool: c.Pool, Namespace: c.Namespace, Image: c.Image}
-		users, err := rbdimage.Users(conn, t)
+		users, err := rbdimage.Users(conn, c.Spec)
 		switch {
 		case errors.Is(err, rbdimage.ErrNotFound):
-			p.Skipped = append(p.Skipped, PlanSkipped{Image: c.Spec(), Source: c.Source, Reason: "removed since discovery"})
+			p.Skipped = append(p.Skipped, PlanSkipped{Image: c.String(), Source: c.Source, Reason: "removed since discovery"})
 			continue
 		case err != nil:
 			return Plan{}, err
 		case len(users) > 0 && cfg.Flatten.InUse != config.InUseAllow:
-			p.Skipped = append(p.Skipped, PlanSkipped{Image: c.Spec(), Source: c.Source,
+			p.Skipped = append(p.Skipped, PlanSkipped{Image: c.String(), Source: c.Source,
 				Reason: "in use by another client (flatten.in_use: skip): " + strings.Join(users, ", ")})
 			continue
 		}
-		pc := PlanClone{Position: len(p.Clones) + 1, Image: c.Spec(), Pool: c.Pool, Namespace: c.Namespace, Name: c.Image,
+		pc := PlanClone{Position: len(p.Clones) + 1, Image: c.String(), Pool: c.Pool, Namespace: c.Namespace, Name: c.Image,
 			Source: c.Source, AlsoSelectedBy: c.AlsoBy, Owner: c.Owner, Shared: c.Owner == "", Reason: c.Reason,
-			Parent: c.Parent, Chain: c.Chain, Depth: c.Depth, SizeBytes: c.Size, BytesToCopy: c.Overlap,
+			Parent: c.Parent.String(), Chain: specStrings(c.Chain), Depth: c.Depth, SizeBytes: c.Size, BytesToCopy: c.Overlap,
 			Created: c.Created.UTC(), Users: users}
 		if pc.AlsoSelectedBy == nil {
 			pc.AlsoSelectedBy = []string{}
@@ -131,6 +130,15 @@ func buildPlan(ctx context.Context, cfg *config.Config, conn *rados.Conn, now ti
 		p.Skipped = append(p.Skipped, PlanSkipped(s))
 	}
 	return p, nil
+}
+
+// specStrings prints specs, keeping nil nil (the JSON of a plan does not change).
+func specStrings(specs []rbdimage.Spec) []string {
+	var out []string
+	for _, s := range specs {
+		out = append(out, s.String())
+	}
+	return out
 }
 
 func writePlan(w io.Writer, p Plan) error {

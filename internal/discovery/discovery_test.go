@@ -39,7 +39,7 @@ func TestPoolOwner(t *testing.T) {
 	var got []string
 	for _, c := range clones {
 		got = append(got, c.Image)
-		if c.Parent != cephtest.Pool+"/"+p.Name+"@s" || c.Size != p.Size || c.Source != "pool:"+cephtest.Pool {
+		if c.Parent.String() != cephtest.Pool+"/"+p.Name+"@s" || c.Size != p.Size || c.Source != "pool:"+cephtest.Pool {
 			t.Errorf("clone %+v: wrong parent, size or source", c)
 		}
 	}

@@ -12,6 +12,7 @@ import (
 	"github.com/ceph/go-ceph/rbd"
 
 	"github.com/flattend/flattend/internal/cephconn"
+	"github.com/flattend/flattend/internal/rbdimage"
 )
 
 // ErrNoNamespace means a pool source names a namespace the pool does not have.
@@ -25,6 +26,9 @@ func CheckNamespace(ioctx *rados.IOContext, pool, ns string) error {
 	return nil
 }
 
+// DefaultPoolWorkers is how many images a Pool source reads at once when its Workers is zero.
+const DefaultPoolWorkers = 16
+
 // Pool selects clones in one pool's default namespace, or in Namespace: those whose image-meta OwnerKey names
 // Node or, when Shared, every clone (a backlog that any node may work on while it holds the lock).
 // Match, when set, limits either to the image names it matches.
@@ -35,7 +39,8 @@ type Pool struct {
 	Node      string
 	Shared    bool
 	Match     *regexp.Regexp
-	// Workers bounds how many images are read at once (default 16).
+	// Workers bounds how many images are read at once; zero (or less) means DefaultPoolWorkers.
+	// The config package has no setting for it: this is the only place it is defaulted.
 	Workers int
 }
 
@@ -45,6 +50,14 @@ func (p Pool) Name() string {
 		return "pool:" + p.Pool + "/" + p.Namespace
 	}
 	return "pool:" + p.Pool
+}
+
+// workers is p.Workers, or DefaultPoolWorkers when that is not set.
+func (p Pool) workers() int {
+	if p.Workers <= 0 {
+		return DefaultPoolWorkers
+	}
+	return p.Workers
 }
 
 // Discover implements Source.
@@ -57,111 +70,130 @@ func (p Pool) Name() string {
 // "parent" key after a flatten when older snapshots still refer to the parent, so the filter can
 // let a flat image through (librbd then says so) but never holds a clone back.
 func (p Pool) Discover(ctx context.Context, conn *rados.Conn) (Found, error) {
-	ioctx, err := cephconn.OpenPool(conn, p.Pool)
+	ioctx, err := p.openIOContext(conn)
 	if err != nil {
 		return Found{}, err
 	}
 	defer ioctx.Destroy()
-	where := fmt.Sprintf("pool %q", p.Pool)
+	ids, err := listImages(ioctx)
+	if err != nil {
+		return Found{}, fmt.Errorf("listing images in %s: %w", p.where(), err)
+	}
+	ps := newPass(conn)
+	defer ps.close()
+	var out collector
+	err = each(ctx, p.workers(), p.matching(ids), func(name string) error {
+		return p.examine(ps, ioctx, name, ids[name], &out)
+	})
+	if err != nil {
+		return Found{}, err
+	}
+	return out.found, nil
+}
+
+// openIOContext opens the pool, in p's namespace. A missing namespace would list as empty: it is
+// an error instead.
+func (p Pool) openIOContext(conn *rados.Conn) (*rados.IOContext, error) {
+	ioctx, err := cephconn.OpenPool(conn, p.Pool)
+	if err != nil {
+		return nil, err
+	}
 	if p.Namespace != "" {
-		where = fmt.Sprintf("namespace %q of pool %q", p.Namespace, p.Pool)
-		// A missing namespace would list as empty: say so instead.
 		if err := CheckNamespace(ioctx, p.Pool, p.Namespace); err != nil {
-			return Found{}, err
+			ioctx.Destroy()
+			return nil, err
 		}
 		ioctx.SetNamespace(p.Namespace)
 	}
-	ids, err := listImages(ioctx)
-	if err != nil {
-		return Found{}, fmt.Errorf("listing images in %s: %w", where, err)
+	return ioctx, nil
+}
+
+// where is the pool or namespace p lists, for messages.
+func (p Pool) where() string {
+	if p.Namespace != "" {
+		return fmt.Sprintf("namespace %q of pool %q", p.Namespace, p.Pool)
 	}
+	return fmt.Sprintf("pool %q", p.Pool)
+}
+
+// matching is the names in ids that Match lets through.
+func (p Pool) matching(ids map[string]string) []string {
 	var names []string
 	for name := range ids {
 		if p.Match == nil || p.Match.MatchString(name) {
 			names = append(names, name)
 		}
 	}
-	keys := []string{"parent"}
-	metaKey := "metadata_" + p.OwnerKey
-	if !p.Shared {
-		keys = append(keys, metaKey)
-	}
-	workers := p.Workers
-	if workers <= 0 {
-		workers = 16
-	}
+	return names
+}
 
-	ps := newPass(conn)
-	defer ps.close()
-	var (
-		found  Found
-		report = make(chan func(*Found))
-	)
-	collected := make(chan struct{})
-	go func() {
-		for r := range report {
-			r(&found)
-		}
-		close(collected)
-	}()
-	err = each(ctx, workers, names, func(name string) error {
-		id := ids[name]
-		vals, err := headerKeys(ioctx, id, keys)
-		if errors.Is(err, rados.ErrNotFound) {
-			return nil // removed since the listing
-		}
-		if err != nil {
-			return fmt.Errorf("reading the header of %s: %w", spec(p.Pool, p.Namespace, name), err)
-		}
-		_, maybeClone := vals["parent"]
-		var reason, owner string
-		if p.Shared {
-			if !maybeClone {
-				return nil
-			}
-			reason = "shared backlog of " + where
-			if p.Match != nil {
-				reason += fmt.Sprintf(" (name matches %q)", p.Match.String())
-			}
-		} else {
-			tag, tagged := vals[metaKey]
-			if !tagged || string(tag) != p.Node {
-				return nil
-			}
-			owner = p.Node
-			reason = fmt.Sprintf("image-meta %s = %s", p.OwnerKey, p.Node)
-			if !maybeClone {
-				report <- func(f *Found) {
-					f.Skipped = append(f.Skipped, Skipped{Image: spec(p.Pool, p.Namespace, name), Source: p.Name(), Reason: "already flat (" + reason + ")"})
-				}
-				return nil
-			}
-		}
-		im, err := ps.open(p.Pool, p.Namespace, name, id, false)
-		if errors.Is(err, errGone) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		if im.parent == nil {
-			if !p.Shared {
-				report <- func(f *Found) {
-					f.Skipped = append(f.Skipped, Skipped{Image: im.spec(), Source: p.Name(), Reason: "already flat (" + reason + ")"})
-				}
-			}
-			return nil
-		}
-		c := ps.clone(im, p.Name(), owner, reason)
-		report <- func(f *Found) { f.Clones = append(f.Clones, c) }
-		return nil
-	})
-	close(report)
-	<-collected
-	if err != nil {
-		return Found{}, err
+// examine decides on the image name (with id) from its header, and opens it when it may be a
+// clone p selects, reporting the result to out. An image removed meanwhile is left out.
+func (p Pool) examine(ps *pass, ioctx *rados.IOContext, name, id string, out *collector) error {
+	s := rbdimage.Spec{Pool: p.Pool, Namespace: p.Namespace, Image: name}
+	vals, err := headerKeys(ioctx, id, p.headerKeys())
+	if errors.Is(err, rados.ErrNotFound) {
+		return nil // removed since the listing
 	}
-	return found, nil
+	if err != nil {
+		return fmt.Errorf("reading the header of %s: %w", s, err)
+	}
+	owner, reason, selected := p.selects(vals)
+	if !selected {
+		return nil
+	}
+	if _, maybeClone := vals["parent"]; !maybeClone {
+		p.flat(out, s, reason)
+		return nil
+	}
+	im, err := ps.open(s, id, false)
+	if errors.Is(err, rbdimage.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if im.parent == nil {
+		p.flat(out, s, reason)
+		return nil
+	}
+	out.clone(ps.clone(im, p.Name(), owner, reason))
+	return nil
+}
+
+// headerKeys are the header omap keys examine reads: "parent" and, unless Shared, the owner key.
+func (p Pool) headerKeys() []string {
+	if p.Shared {
+		return []string{"parent"}
+	}
+	return []string{"parent", p.metaKey()}
+}
+
+// metaKey is where the header keeps the image-meta OwnerKey.
+func (p Pool) metaKey() string { return "metadata_" + p.OwnerKey }
+
+// selects says whether p selects the image whose header has vals (a shared pool: every image; an
+// owner pool: those tagged for Node), its owner and why.
+func (p Pool) selects(vals map[string][]byte) (owner, reason string, ok bool) {
+	if p.Shared {
+		reason = "shared backlog of " + p.where()
+		if p.Match != nil {
+			reason += fmt.Sprintf(" (name matches %q)", p.Match.String())
+		}
+		return "", reason, true
+	}
+	if tag, tagged := vals[p.metaKey()]; !tagged || string(tag) != p.Node {
+		return "", "", false
+	}
+	return p.Node, fmt.Sprintf("image-meta %s = %s", p.OwnerKey, p.Node), true
+}
+
+// flat reports an image p selected that has no parent: worth telling when it was tagged for this
+// node, not in a shared backlog.
+func (p Pool) flat(out *collector, s rbdimage.Spec, reason string) {
+	if !p.Shared {
+		out.skip(s, p.Name(), "already flat ("+reason+")")
+	}
 }
 
 // listImages reads the pool's image directory: name → image id. A pool without the directory

@@ -15,6 +15,7 @@ import (
 	"github.com/ceph/go-ceph/rbd"
 
 	"github.com/flattend/flattend/internal/discovery"
+	"github.com/flattend/flattend/internal/rbdimage"
 	"github.com/flattend/flattend/test/cephtest"
 	"github.com/flattend/flattend/test/libvirttest"
 )
@@ -22,9 +23,18 @@ import (
 func specs(cs []discovery.Clone) []string {
 	var s []string
 	for _, c := range cs {
-		s = append(s, c.Spec())
+		s = append(s, c.String())
 	}
 	slices.Sort(s)
+	return s
+}
+
+// chain is c's parent chain as strings.
+func chain(c discovery.Clone) []string {
+	var s []string
+	for _, p := range c.Chain {
+		s = append(s, p.String())
+	}
 	return s
 }
 
@@ -82,7 +92,7 @@ func TestPoolNamespace(t *testing.T) {
 	if got, want := specs(f.Clones), []string{P + "/" + pre + "-ns/" + pre + "-in-ns"}; !slices.Equal(got, want) {
 		t.Fatalf("namespace source: %v, want %v", got, want)
 	}
-	if c := f.Clones[0]; c.Source != "pool:"+P+"/"+pre+"-ns" || !slices.Equal(c.Chain, []string{P + "/" + pre + "-ns/" + p.Name + "@s"}) {
+	if c := f.Clones[0]; c.Source != "pool:"+P+"/"+pre+"-ns" || !slices.Equal(chain(c), []string{P + "/" + pre + "-ns/" + p.Name + "@s"}) {
 		t.Errorf("clone %+v: wrong source or chain", c)
 	}
 	src.Namespace = pre + "-missing"
@@ -125,7 +135,7 @@ func TestPoolSharedAndMatch(t *testing.T) {
 	}
 	c := f.Clones[0]
 	if c.Owner != node || c.Source != "pool:"+P || !strings.Contains(c.Reason, "flattend.owner = "+node) ||
-		c.Depth != 1 || !slices.Equal(c.Chain, []string{P + "/" + p.Name + "@s"}) || c.Overlap != 4<<20 {
+		c.Depth != 1 || !slices.Equal(chain(c), []string{P + "/" + p.Name + "@s"}) || c.Overlap != 4<<20 {
 		t.Errorf("clone %+v: wrong owner, source, reason, chain or overlap", c)
 	}
 	sk := skippedOf(f)
@@ -178,14 +188,14 @@ func TestLibvirtSource(t *testing.T) {
 	}
 	byspec := map[string]discovery.Clone{}
 	for _, c := range f.Clones {
-		byspec[c.Spec()] = c
+		byspec[c.String()] = c
 		if c.Owner != node || c.Source != "libvirt" {
-			t.Errorf("%s: owner %q source %q", c.Spec(), c.Owner, c.Source)
+			t.Errorf("%s: owner %q source %q", c.String(), c.Owner, c.Source)
 		}
 	}
 	deep := byspec[sc.deep]
 	if deep.Depth != 3 || len(deep.Chain) != 3 || !strings.Contains(deep.Reason, "domain "+sc.vm1) ||
-		deep.Chain[2] != cephtest.Pool+"/"+sc.glance+"@s" {
+		deep.Chain[2].String() != cephtest.Pool+"/"+sc.glance+"@s" {
 		t.Errorf("clone of a clone of a VM disk: %+v", deep)
 	}
 	if r := skippedOf(f)[sc.vmClone]; !strings.Contains(r, "include_vm_disks is false") {
@@ -298,7 +308,7 @@ func TestLibvirtVolumeDisks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []discovery.Disk{{Domain: pre + "-vm", Target: "vda", Pool: cephtest.Pool, Image: pre + "-disk", StoragePool: pre + "-ceph"}}
+	want := []discovery.Disk{{Domain: pre + "-vm", Target: "vda", Spec: rbdimage.Spec{Pool: cephtest.Pool, Image: pre + "-disk"}, StoragePool: pre + "-ceph"}}
 	if !slices.Equal(disks, want) {
 		t.Fatalf("disks %+v\nwant %+v", disks, want)
 	}
@@ -325,35 +335,15 @@ func TestDomainDisks(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []discovery.Disk{
-		{Domain: "vm", Target: "vda", Pool: "vms", Image: "a"},
-		{Domain: "vm", Target: "vdb", Pool: "vms", Namespace: "ns", Image: "b"},
-		{Domain: "vm", Target: "sda", Pool: "images", Image: "c", Snap: "snap"},
-		{Domain: "vm", Target: "vdd", Image: "d", StoragePool: "cephpool"}, // its Ceph pool comes from libvirt
+		{Domain: "vm", Target: "vda", Spec: rbdimage.Spec{Pool: "vms", Image: "a"}},
+		{Domain: "vm", Target: "vdb", Spec: rbdimage.Spec{Pool: "vms", Namespace: "ns", Image: "b"}},
+		{Domain: "vm", Target: "sda", Spec: rbdimage.Spec{Pool: "images", Image: "c", Snap: "snap"}},
+		{Domain: "vm", Target: "vdd", Spec: rbdimage.Spec{Image: "d"}, StoragePool: "cephpool"}, // its Ceph pool comes from libvirt
 	}
 	if !slices.Equal(got, want) {
 		t.Fatalf("disks %+v\nwant %+v", got, want)
 	}
 	if _, err := discovery.DomainDisks(strings.Replace(xml, "vms/a", "nopool", 1)); err == nil {
 		t.Fatal("an rbd name without a pool must be an error")
-	}
-}
-
-func TestParseURI(t *testing.T) {
-	t.Setenv("XDG_RUNTIME_DIR", "/run/user/7")
-	for uri, want := range map[string]string{
-		"qemu:///system":                    "/run/libvirt/libvirt-sock-ro",
-		"qemu+unix:///system":               "/run/libvirt/libvirt-sock-ro",
-		"qemu:///session":                   "/run/user/7/libvirt/libvirt-sock",
-		"qemu:///system?socket=/tmp/x/sock": "/tmp/x/sock",
-	} {
-		ep, err := discovery.ParseURI(uri)
-		if err != nil || ep.Sockets[0] != want || !strings.HasPrefix(ep.Open, "qemu:///s") || strings.Contains(ep.Open, "?") {
-			t.Errorf("%s: %+v %v, want first socket %s", uri, ep, err, want)
-		}
-	}
-	for _, uri := range []string{"qemu+ssh://host/system", "xen:///system", "qemu:///embed", "qemu:///system?mode=legacy"} {
-		if _, err := discovery.ParseURI(uri); err == nil {
-			t.Errorf("%s: accepted", uri)
-		}
 	}
 }

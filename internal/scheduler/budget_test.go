@@ -8,12 +8,13 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/flattend/flattend/internal/discovery"
+	"github.com/flattend/flattend/internal/rbdimage"
 )
 
 func TestBudgetsAndWindowEnd(t *testing.T) {
 	s := New(Config{MaxPerWindow: 2, MaxBytesPerWindow: 10 << 20, MinTimeLeft: 5 * time.Minute}, nil, nil, zap.NewNop())
-	small := discovery.Clone{Pool: "p", Image: "small", Overlap: 4 << 20}
-	big := discovery.Clone{Pool: "p", Image: "big", Overlap: 8 << 20}
+	small := discovery.Clone{Spec: rbdimage.Spec{Pool: "p", Image: "small"}, Overlap: 4 << 20}
+	big := discovery.Clone{Spec: rbdimage.Spec{Pool: "p", Image: "big"}, Overlap: 8 << 20}
 	if r := s.stopReason(); r != "" {
 		t.Fatalf("fresh window stopped: %s", r)
 	}
@@ -46,21 +47,21 @@ func TestBudgetsAndWindowEnd(t *testing.T) {
 // A failed clone waits RetryAfter, doubled per failure up to a day, and does not hold up others.
 func TestRetryBackoff(t *testing.T) {
 	s := New(Config{RetryAfter: 30 * time.Minute}, nil, nil, zap.NewNop())
-	c := discovery.Clone{Pool: "p", Image: "flaky"}
+	c := discovery.Clone{Spec: rbdimage.Spec{Pool: "p", Image: "flaky"}}
 	for failures, want := range map[int]time.Duration{1: 30 * time.Minute, 2: time.Hour, 3: 2 * time.Hour, 7: 24 * time.Hour, 40: 24 * time.Hour} {
 		got := s.retryAfter(failures)
 		if got != want {
 			t.Errorf("after %d failures: wait %s, want %s", failures, got, want)
 		}
 	}
-	s.retries[c.Spec()] = retry{failures: 1, next: time.Now().Add(time.Minute)}
+	s.retries[c.String()] = retry{failures: 1, next: time.Now().Add(time.Minute)}
 	if r := s.skipReason(c); !strings.Contains(r, "failed 1 time(s), next try after") {
 		t.Errorf("skip reason %q", r)
 	}
-	if r := s.skipReason(discovery.Clone{Pool: "p", Image: "other"}); r != "" {
+	if r := s.skipReason(discovery.Clone{Spec: rbdimage.Spec{Pool: "p", Image: "other"}}); r != "" {
 		t.Errorf("another clone skipped: %s", r)
 	}
-	s.retries[c.Spec()] = retry{failures: 1, next: time.Now().Add(-time.Second)}
+	s.retries[c.String()] = retry{failures: 1, next: time.Now().Add(-time.Second)}
 	if r := s.skipReason(c); r != "" {
 		t.Errorf("retry time passed: still skipped (%s)", r)
 	}

@@ -18,7 +18,7 @@ import (
 // flattenUnder flattens c while lease holds; losing the lease, a closing gate or ctx's end
 // cancels the flatten (it resumes later from where the copy stopped).
 func (s *Scheduler) flattenUnder(ctx context.Context, sess *session, lease Lease, c discovery.Clone, info rbdimage.Info) error {
-	spec := specOf(c)
+	spec := c.Spec
 	log := s.log.With(zap.String("image", spec.String()))
 	done, total := &s.progress.done, &s.progress.total // State reads them too
 	done.Store(0)
@@ -82,7 +82,7 @@ func (s *Scheduler) onProgress(lease Lease, spec rbdimage.Spec, info rbdimage.In
 // flatten would skip and lose (see flattener.RepairCopyups). It runs under the lock, like a
 // flatten. An error means c itself could not be repaired and must not be flattened now.
 func (s *Scheduler) repairInterrupted(sess *session, lease Lease, c discovery.Clone) error {
-	name := specOf(c).String()
+	name := c.Spec.String()
 	var specs []string
 	if r := lease.Interrupted(); r != nil && r.Clone != "" {
 		s.log.Warn("previous holder stopped without releasing", zap.String("lock", lease.Image()),
@@ -129,12 +129,12 @@ func (s *Scheduler) repairOne(sess *session, name string) ([]uint64, error) {
 // needs it any more. It never removes the parent of a clone whose flatten was interrupted: that
 // clone must be checked first (docs/operations.md, "Known issues"). Failures are only logged.
 func (s *Scheduler) cleanupParent(sess *session, c discovery.Clone) {
-	snap, ok := parentOf(c)
-	if s.cfg.CleanupSnapshots == nil || !ok || !s.cfg.CleanupSnapshots.MatchString(snap.Snap) {
+	snap := c.Parent
+	if s.cfg.CleanupSnapshots == nil || snap.Snap == "" || !s.cfg.CleanupSnapshots.MatchString(snap.Snap) {
 		return
 	}
-	log := s.log.With(zap.String("image", specOf(c).String()), zap.Stringer("snapshot", snap))
-	if note, err := sess.Interrupted(specOf(c)); err != nil || note != "" {
+	log := s.log.With(zap.String("image", c.Spec.String()), zap.Stringer("snapshot", snap))
+	if note, err := sess.Interrupted(c.Spec); err != nil || note != "" {
 		log.Warn("parent snapshot kept: this clone's flatten was interrupted; check the clone, then remove the snapshot by hand",
 			zap.String(flattener.InterruptedKey, note), zap.Error(err))
 		return

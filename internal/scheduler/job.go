@@ -108,7 +108,7 @@ func (s *Scheduler) job(ctx context.Context, sess *session, c discovery.Clone) e
 	case err != nil:
 		return err
 	}
-	s.log.Debug("lock acquired", zap.String("lock", lease.Image()), zap.String("image", specOf(c).String()), zap.Duration("waited", time.Since(waitStart)))
+	s.log.Debug("lock acquired", zap.String("lock", lease.Image()), zap.String("image", c.Spec.String()), zap.Duration("waited", time.Since(waitStart)))
 	s.cfg.Metrics.LockAcquired(time.Since(waitStart))
 	ferr := s.underLease(ctx, sess, lease, c, pre)
 	uerr := lease.Unlock()
@@ -130,7 +130,7 @@ func (s *Scheduler) job(ctx context.Context, sess *session, c discovery.Clone) e
 		return nil
 	case ctx.Err() == nil && isLost:
 		// Losing the lock is not the clone's fault: resume where the copy stopped.
-		s.unclean[specOf(c).String()] = true
+		s.unclean[c.Spec.String()] = true
 		return errResume
 	}
 	return ferr
@@ -140,7 +140,7 @@ func (s *Scheduler) job(ctx context.Context, sess *session, c discovery.Clone) e
 // parent, its users and the gates. The answers are used after the grant if they are still
 // fresh (gates.check_interval), so that a handover costs only what must be done under the lock.
 func (s *Scheduler) prepare(sess *session, c discovery.Clone) (prepared, error) {
-	spec := specOf(c)
+	spec := c.Spec
 	log := s.log.With(zap.String("image", spec.String()))
 	info, err := sess.Inspect(spec)
 	switch {

@@ -6,17 +6,18 @@ import (
 	"time"
 
 	"github.com/flattend/flattend/internal/discovery"
+	"github.com/flattend/flattend/internal/rbdimage"
 )
 
 func TestOrder(t *testing.T) {
 	day := func(d int) time.Time { return time.Date(2026, 1, d, 0, 0, 0, 0, time.UTC) }
 	clones := func() []discovery.Clone {
 		return []discovery.Clone{
-			{Pool: "p", Image: "a", Depth: 1, Created: day(3), Overlap: 10},
-			{Pool: "p", Image: "b", Depth: 2, Created: day(5), Overlap: 30},
-			{Pool: "p", Image: "c", Depth: 1, Created: day(1), Overlap: 20},
-			{Pool: "p", Image: "d", Depth: 2, Created: day(5), Overlap: 5},
-			{Pool: "p", Image: "e", Depth: 1, Created: day(1), Overlap: 20},
+			{Spec: rbdimage.Spec{Pool: "p", Image: "a"}, Depth: 1, Created: day(3), Overlap: 10},
+			{Spec: rbdimage.Spec{Pool: "p", Image: "b"}, Depth: 2, Created: day(5), Overlap: 30},
+			{Spec: rbdimage.Spec{Pool: "p", Image: "c"}, Depth: 1, Created: day(1), Overlap: 20},
+			{Spec: rbdimage.Spec{Pool: "p", Image: "d"}, Depth: 2, Created: day(5), Overlap: 5},
+			{Spec: rbdimage.Spec{Pool: "p", Image: "e"}, Depth: 1, Created: day(1), Overlap: 20},
 		}
 	}
 	for _, tc := range []struct {

@@ -61,7 +61,7 @@ func (s *Scheduler) Pass(ctx context.Context) (Summary, error) {
 // first checked for copy-ups lost by an earlier flatten that was killed (see RepairCopyups).
 func (s *Scheduler) Flatten(ctx context.Context, clones []discovery.Clone) Summary {
 	for _, c := range clones {
-		s.checkFirst[specOf(c).String()] = true
+		s.checkFirst[c.Spec.String()] = true
 	}
 	return s.work(ctx, clones)
 }
@@ -74,7 +74,7 @@ func (s *Scheduler) work(ctx context.Context, clones []discovery.Clone) Summary 
 	}()
 	for i, c := range clones {
 		s.applyReload() // between two flattens: no lease is held
-		name := specOf(c).String()
+		name := c.Spec.String()
 		if ctx.Err() != nil {
 			sum.Left += len(clones) - i
 			break
@@ -105,7 +105,7 @@ func (s *Scheduler) work(ctx context.Context, clones []discovery.Clone) Summary 
 
 // tally records one clone's outcome in sum, the budget, the retries, the log and the metrics.
 func (s *Scheduler) tally(sum *Summary, c discovery.Clone, o outcome) {
-	name := specOf(c).String()
+	name := c.Spec.String()
 	log := s.log.With(zap.String("image", name))
 	if o.gate != "" {
 		s.cfg.Metrics.GateClosed(o.gate)

@@ -53,7 +53,7 @@ func Order(clones []discovery.Clone, keys []string) {
 				return c
 			}
 		}
-		return cmp.Compare(specOf(a).String(), specOf(b).String())
+		return cmp.Compare(a.Spec.String(), b.Spec.String())
 	})
 }
 
@@ -102,7 +102,7 @@ func (s *Scheduler) tooLate() bool {
 // skipReason says why c is not tried in this pass: it failed recently, or it alone would take
 // the window over its byte budget. Empty means try it.
 func (s *Scheduler) skipReason(c discovery.Clone) string {
-	if r, ok := s.retries[specOf(c).String()]; ok && time.Now().Before(r.next) {
+	if r, ok := s.retries[c.Spec.String()]; ok && time.Now().Before(r.next) {
 		return fmt.Sprintf("failed %d time(s), next try after %s", r.failures, r.next.Format(time.RFC3339))
 	}
 	if max := s.cfg.MaxBytesPerWindow; max > 0 && s.budget.bytes+c.Overlap > max {

@@ -19,24 +19,34 @@ import (
 // taking the slot straight back. It returns ctx's cause when ctx ends, and an error wrapping
 // ErrLost when this connection is no longer fit to hold a lock.
 func (m *Mutex) Lock(ctx context.Context) (*Lease, error) {
-	bo := backoff.Backoff{Min: m.o.BackoffMin, Max: m.o.BackoffMax}
+	bo := &backoff.Backoff{Min: m.o.BackoffMin, Max: m.o.BackoffMax}
 	if m.handedOver(ctx) {
 		m.wait()
 		if err := m.sleep(ctx, bo.Next()); err != nil {
 			return nil, err
 		}
 	}
+	lease, err := retryBusy(ctx, bo, m.TryLock, m.sleep, m.busy)
+	if err != nil {
+		m.StopWaiting()
+	}
+	return lease, err
+}
+
+// retryBusy is Lock's loop: try until it returns anything but ErrLocked, sleeping a backoff
+// between tries (busy, if set, is told each wait).
+func retryBusy(ctx context.Context, bo *backoff.Backoff, try func(context.Context) (*Lease, error),
+	sleep func(context.Context, time.Duration) error, busy func(time.Duration)) (*Lease, error) {
 	for {
-		lease, err := m.TryLock(ctx)
+		lease, err := try(ctx)
 		if !errors.Is(err, ErrLocked) {
 			return lease, err
 		}
 		wait := bo.Next()
-		if m.busy != nil {
-			m.busy(wait)
+		if busy != nil {
+			busy(wait)
 		}
-		if err := m.sleep(ctx, wait); err != nil {
-			m.StopWaiting()
+		if err := sleep(ctx, wait); err != nil {
 			return nil, err
 		}
 	}

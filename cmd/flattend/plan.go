@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"slices"
@@ -58,6 +59,15 @@ type PlanSkipped struct {
 	Image  string `json:"image"`
 	Source string `json:"source"`
 	Reason string `json:"reason"`
+}
+
+func planFlags(fs *flag.FlagSet, o *options) {
+	fs.BoolVar(&o.json, "json", false, "print JSON (the format is documented in docs/discovery.md)")
+}
+
+// runPlan is `flattend plan`.
+func runPlan(ctx context.Context, e *env, o options) int {
+	return plan(ctx, e.cfg, e.dial, o.json, e.stdout, e.stderr)
 }
 
 // plan discovers this node's clones, orders them as a pass would and says why each one is there
@@ -166,36 +176,4 @@ func writePlan(w io.Writer, p Plan) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\n", s.Image, s.Source, s.Reason)
 	}
 	return tw.Flush()
-}
-
-// poolSelection says, for `flattend check`, which clones of a pool are selected.
-func poolSelection(p config.PoolSource) string {
-	s := "owner key " + p.OwnerKey
-	if p.Shared {
-		s = "shared backlog"
-	}
-	if p.Match != "" {
-		s += fmt.Sprintf(", names matching %q", p.Match)
-	}
-	if p.Namespace != "" {
-		s += fmt.Sprintf(", namespace %q", p.Namespace)
-	}
-	return s
-}
-
-// checkLibvirt asks libvirt for this host's domains, for `flattend check`; false on failure.
-func checkLibvirt(cfg *config.Config, stdout, stderr io.Writer) bool {
-	l := cfg.Discovery.Libvirt
-	if l == nil {
-		return true
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	doms, disks, err := discovery.Libvirt{URI: l.URI}.Check(ctx)
-	if err != nil {
-		fmt.Fprintf(stderr, "discovery: %v\n", err)
-		return false
-	}
-	fmt.Fprintf(stdout, "discovery: libvirt %s ok (%d domains, %d rbd disks; include_vm_disks %t)\n", l.URI, doms, disks, l.IncludeVMDisks)
-	return true
 }

@@ -20,7 +20,6 @@ import (
 
 	"github.com/ceph/go-ceph/rados"
 
-	"github.com/flattend/flattend/internal/backoff"
 	"github.com/flattend/flattend/internal/lock"
 )
 
@@ -132,7 +131,10 @@ func fleetRunOnce(nodes, turns int, hold, boMin, boMax time.Duration) fleetRun {
 			sem <- struct{}{}
 			defer func() { <-sem }()
 			conns[i] = dial(nil)
-			muts[i] = lock.New(conns[i], lock.Options{Pool: fleetPool, Image: image, Node: fmt.Sprintf("f%d", i)})
+			m, err := lock.New(conns[i], lock.Options{Pool: fleetPool, Image: image, Slots: 1, CheckInterval: 2 * time.Second,
+				BackoffMin: boMin, BackoffMax: boMax, Node: fmt.Sprintf("f%d", i)})
+			check(err)
+			muts[i] = m
 			check(muts[i].Ensure())
 		}()
 	}
@@ -180,7 +182,7 @@ func fleetRunOnce(nodes, turns int, hold, boMin, boMax time.Duration) fleetRun {
 		}
 		muts[1].StopWaiting()
 		check(l.Unlock())
-		muts[0].HandedOver(context.Background())
+		time.Sleep(100 * time.Millisecond) // the release's handover runs in the background
 	}
 	statsBefore := make([]lock.Stats, nodes)
 	for i, m := range muts {
@@ -209,33 +211,19 @@ func fleetRunOnce(nodes, turns int, hold, boMin, boMax time.Duration) fleetRun {
 				mu.Lock()
 				waiting[i] = wantAt
 				mu.Unlock()
-				bo := backoff.Backoff{Min: boMin, Max: boMax}
-				var lease *lock.Lease
-				how := "first try" // what the successful TryLock followed
-				for lease == nil {
-					if m.HandedOver(ctx) {
-						m.Wait()
-						w, err := waitWake(ctx, m.Wake(), bo.Next())
-						if err != nil {
-							return
-						}
-						how = w
+				wakes := m.Stats().WakesReceived
+				lease, err := m.Lock(ctx)
+				if err != nil {
+					if ctx.Err() != nil {
+						return
 					}
-					l, err := m.TryLock(ctx)
-					switch {
-					case errors.Is(err, lock.ErrLocked):
-						w, err := waitWake(ctx, m.Wake(), bo.Next())
-						if err != nil {
-							return
-						}
-						how = w
-					case err != nil:
-						if ctx.Err() != nil {
-							return
-						}
-						fail("fleet node %d: %v", i, err)
-					default:
-						lease = l
+					fail("fleet node %d: %v", i, err)
+				}
+				how := "first try" // what the lock followed: a grant, or a poll after a backoff
+				if turn > 0 {
+					how = "poll"
+					if m.Stats().WakesReceived > wakes {
+						how = "wake"
 					}
 				}
 				got := time.Now()
@@ -328,18 +316,4 @@ func fleetRunOnce(nodes, turns int, hold, boMin, boMax time.Duration) fleetRun {
 	fmt.Printf("fleet: %d nodes: %d handovers in %.1fs, gap %s; wait %s; ops/handover %.1f (net %.1f)\n",
 		nodes, r.Handovers, r.DurationS, r.Gap, r.Wait, r.OpsPerHandover, r.NetOpsPerHandover)
 	return r
-}
-
-// waitWake waits for a grant or the backoff, as the scheduler's waitForRelease, and says which.
-func waitWake(ctx context.Context, wake <-chan struct{}, d time.Duration) (string, error) {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return "poll", nil
-	case <-wake:
-		return "grant", nil
-	case <-ctx.Done():
-		return "", ctx.Err()
-	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"slices"
@@ -15,7 +16,7 @@ import (
 
 	"github.com/flattend/flattend/internal/config"
 	"github.com/flattend/flattend/internal/discovery"
-	"github.com/flattend/flattend/internal/gate"
+	"github.com/flattend/flattend/internal/humanize"
 	"github.com/flattend/flattend/internal/rbdimage"
 	"github.com/flattend/flattend/internal/scheduler"
 )
@@ -58,6 +59,15 @@ type PlanSkipped struct {
 	Image  string `json:"image"`
 	Source string `json:"source"`
 	Reason string `json:"reason"`
+}
+
+func planFlags(fs *flag.FlagSet, o *options) {
+	fs.BoolVar(&o.json, "json", false, "print JSON (the format is documented in docs/discovery.md)")
+}
+
+// runPlan is `flattend plan`.
+func runPlan(ctx context.Context, e *env, o options) int {
+	return plan(ctx, e.cfg, e.dial, o.json, e.stdout, e.stderr)
 }
 
 // plan discovers this node's clones, orders them as a pass would and says why each one is there
@@ -147,7 +157,7 @@ func writePlan(w io.Writer, p Plan) error {
 		total += c.BytesToCopy
 	}
 	fmt.Fprintf(w, "node %s: %d clone(s) to flatten, %s to copy at most (order: %s; sources: %s)\n",
-		p.Node, len(p.Clones), gate.Bytes(total), strings.Join(p.Order, ", "), strings.Join(p.Sources, ", "))
+		p.Node, len(p.Clones), humanize.Bytes(total), strings.Join(p.Order, ", "), strings.Join(p.Sources, ", "))
 	for _, c := range p.Clones {
 		owner := "owner " + c.Owner
 		if c.Shared {
@@ -157,7 +167,7 @@ func writePlan(w io.Writer, p Plan) error {
 		if len(c.AlsoSelectedBy) > 0 {
 			src += " (also " + strings.Join(c.AlsoSelectedBy, ", ") + ")"
 		}
-		fmt.Fprintf(w, "%d. %s  depth %d, %s to copy, %s, %s\n", c.Position, c.Image, c.Depth, gate.Bytes(c.BytesToCopy), src, owner)
+		fmt.Fprintf(w, "%d. %s  depth %d, %s to copy, %s, %s\n", c.Position, c.Image, c.Depth, humanize.Bytes(c.BytesToCopy), src, owner)
 		fmt.Fprintf(w, "   why: %s\n", c.Reason)
 		fmt.Fprintf(w, "   parents: %s\n", strings.Join(c.Chain, " <- "))
 		if len(c.Users) > 0 {
@@ -174,36 +184,4 @@ func writePlan(w io.Writer, p Plan) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\n", s.Image, s.Source, s.Reason)
 	}
 	return tw.Flush()
-}
-
-// poolSelection says, for `flattend check`, which clones of a pool are selected.
-func poolSelection(p config.PoolSource) string {
-	s := "owner key " + p.OwnerKey
-	if p.Shared {
-		s = "shared backlog"
-	}
-	if p.Match != "" {
-		s += fmt.Sprintf(", names matching %q", p.Match)
-	}
-	if p.Namespace != "" {
-		s += fmt.Sprintf(", namespace %q", p.Namespace)
-	}
-	return s
-}
-
-// checkLibvirt asks libvirt for this host's domains, for `flattend check`; false on failure.
-func checkLibvirt(cfg *config.Config, stdout, stderr io.Writer) bool {
-	l := cfg.Discovery.Libvirt
-	if l == nil {
-		return true
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	doms, disks, err := discovery.Libvirt{URI: l.URI}.Check(ctx)
-	if err != nil {
-		fmt.Fprintf(stderr, "discovery: %v\n", err)
-		return false
-	}
-	fmt.Fprintf(stdout, "discovery: libvirt %s ok (%d domains, %d rbd disks; include_vm_disks %t)\n", l.URI, doms, disks, l.IncludeVMDisks)
-	return true
 }

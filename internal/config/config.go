@@ -1,22 +1,24 @@
 // Package config loads and validates flattend's YAML configuration. Every error it returns names
 // the place it comes from, as "file:line: field: problem", so an operator can fix it at once.
+//
+// Files: config.go holds the types and their defaults, load.go reads and decodes the YAML (and
+// turns decoder errors into Errors), validate.go checks each section.
+//
+// Validation keeps what it parses (the window, the regexps): use the accessor methods of Config
+// (ParsedWindow, SnapshotRegexp, PoolMatch) rather than parsing the strings again.
 package config
 
 import (
-	"bytes"
-	"errors"
 	"fmt"
-	"net"
-	"net/url"
 	"os"
 	"regexp"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/robfig/cron/v3"
 	"gopkg.in/yaml.v3"
+
+	"github.com/flattend/flattend/internal/window"
 )
 
 // DefaultPath is where the daemon looks for its configuration when no --config is given.
@@ -41,6 +43,34 @@ type Config struct {
 
 	// Path is the file the configuration was read from.
 	Path string `yaml:"-"`
+
+	// parsed is set by Parse from the fields above; see the accessors below.
+	parsed parsed
+}
+
+// parsed holds what validation parsed, so nothing is parsed twice and callers need not repeat
+// the checks. It is zero in Defaults() and in a Config built by hand, and does not follow later
+// changes to the string fields.
+type parsed struct {
+	window          window.Window
+	snapshotPattern *regexp.Regexp   // nil when cleanup.snapshot_pattern is empty
+	poolMatch       []*regexp.Regexp // per discovery.pools entry; nil when its match is empty
+}
+
+// ParsedWindow is window.schedule and window.duration as a window.Window (zero unless the
+// Config came from Load or Parse).
+func (c *Config) ParsedWindow() window.Window { return c.parsed.window }
+
+// SnapshotRegexp is cleanup.snapshot_pattern compiled, or nil when it is empty. It is set even
+// when cleanup.parent_snapshots is off: whether to clean up is the caller's call.
+func (c *Config) SnapshotRegexp() *regexp.Regexp { return c.parsed.snapshotPattern }
+
+// PoolMatch is discovery.pools[i].match compiled, or nil when it is empty (every image).
+func (c *Config) PoolMatch(i int) *regexp.Regexp {
+	if i < len(c.parsed.poolMatch) {
+		return c.parsed.poolMatch[i]
+	}
+	return nil
 }
 
 // Ceph says how to reach the cluster.
@@ -184,10 +214,6 @@ func (d Duration) MarshalYAML() (any, error) { return time.Duration(d).String(),
 // Size is a byte count written as a whole number or with a binary unit: 500GiB, 2TiB, 64MiB.
 type Size uint64
 
-// minBytesPerSecond keeps the pause a paced flatten makes per object (4 MiB by default) short:
-// it blocks a librbd thread that the lock image's connection shares.
-const minBytesPerSecond = 1 << 20
-
 var sizeRE = regexp.MustCompile(`^(\d+)\s*(B|KiB|MiB|GiB|TiB|PiB)?$`)
 
 // UnmarshalYAML parses a size; errors are yaml.TypeErrors, like Duration's.
@@ -234,353 +260,3 @@ const (
 
 // OrderKeys are the keys flatten.order accepts.
 var OrderKeys = []string{"depth", "age", "size"}
-
-// Error is a configuration error at a place in a file.
-type Error struct {
-	File  string
-	Line  int    // 0 when the problem is the file as a whole
-	Field string // dotted path, empty when unknown
-	Msg   string
-}
-
-func (e *Error) Error() string {
-	var b strings.Builder
-	b.WriteString(e.File)
-	if e.Line > 0 {
-		b.WriteString(":" + strconv.Itoa(e.Line))
-	}
-	b.WriteString(": ")
-	if e.Field != "" {
-		b.WriteString(e.Field + ": ")
-	}
-	b.WriteString(e.Msg)
-	return b.String()
-}
-
-// Errors is every problem found in one file, in file order.
-type Errors []*Error
-
-func (es Errors) Error() string {
-	msgs := make([]string, len(es))
-	for i, e := range es {
-		msgs[i] = e.Error()
-	}
-	return strings.Join(msgs, "\n")
-}
-
-// Load reads, decodes (strictly: unknown keys are errors), fills in defaults and validates path.
-// Any error is a config.Errors.
-func Load(path string) (*Config, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		var msg string
-		switch {
-		case errors.Is(err, os.ErrNotExist):
-			msg = "no such file (write one; see config.example.yaml)"
-		case errors.Is(err, os.ErrPermission):
-			msg = "permission denied"
-		default:
-			msg = err.Error()
-		}
-		return nil, Errors{{File: path, Msg: msg}}
-	}
-	return Parse(path, data)
-}
-
-var yamlLine = regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`)
-
-// Parse is Load on bytes already read; path only names them in errors.
-func Parse(path string, data []byte) (*Config, error) {
-	var root yaml.Node
-	if err := yaml.Unmarshal(data, &root); err != nil {
-		return nil, Errors{yamlError(path, err.Error(), nil)}
-	}
-	places := map[string]int{}
-	lineFields := map[int]string{}
-	if len(root.Content) > 0 {
-		doc := root.Content[0]
-		if doc.Kind != yaml.MappingNode {
-			return nil, Errors{{File: path, Line: doc.Line, Msg: "the configuration must be a mapping of keys (node:, ceph:, lock: …)"}}
-		}
-		walk(doc, "", places, lineFields)
-	}
-
-	cfg := Defaults()
-	if len(bytes.TrimSpace(data)) > 0 {
-		dec := yaml.NewDecoder(bytes.NewReader(data))
-		dec.KnownFields(true)
-		if err := dec.Decode(&cfg); err != nil {
-			var te *yaml.TypeError
-			if errors.As(err, &te) {
-				var es Errors
-				for _, m := range te.Errors {
-					es = append(es, yamlError(path, m, lineFields))
-				}
-				return nil, es
-			}
-			return nil, Errors{yamlError(path, err.Error(), lineFields)}
-		}
-	}
-	cfg.Path = path
-	for i := range cfg.Discovery.Pools {
-		if _, set := places[fmt.Sprintf("discovery.pools[%d].owner_key", i)]; !set && !cfg.Discovery.Pools[i].Shared {
-			cfg.Discovery.Pools[i].OwnerKey = DefaultOwnerKey
-		}
-	}
-	if _, on := places["discovery.libvirt"]; on && cfg.Discovery.Libvirt == nil {
-		cfg.Discovery.Libvirt = &LibvirtSource{} // `libvirt:` with nothing under it
-	}
-	if l := cfg.Discovery.Libvirt; l != nil && l.URI == "" {
-		l.URI = DefaultLibvirtURI
-	}
-	if es := cfg.validate(places); len(es) > 0 {
-		return nil, es
-	}
-	return &cfg, nil
-}
-
-// walk records the line of every key path ("lock.pool", "discovery.pools[0].pool") and, per
-// line, the path of the value that stands on it, so decoder errors can name their field.
-func walk(n *yaml.Node, path string, places map[string]int, lineFields map[int]string) {
-	switch n.Kind {
-	case yaml.MappingNode:
-		for i := 0; i+1 < len(n.Content); i += 2 {
-			k, v := n.Content[i], n.Content[i+1]
-			p := k.Value
-			if path != "" {
-				p = path + "." + k.Value
-			}
-			places[p] = k.Line
-			lineFields[k.Line] = p
-			if v.Line != k.Line {
-				lineFields[v.Line] = p
-			}
-			walk(v, p, places, lineFields)
-		}
-	case yaml.SequenceNode:
-		for i, v := range n.Content {
-			p := fmt.Sprintf("%s[%d]", path, i)
-			places[p] = v.Line
-			if _, ok := lineFields[v.Line]; !ok {
-				lineFields[v.Line] = p
-			}
-			walk(v, p, places, lineFields)
-		}
-	}
-}
-
-var notFoundInType = regexp.MustCompile(`^field (\S+) not found in type \S+$`)
-var cannotUnmarshal = regexp.MustCompile("^cannot unmarshal !!(\\w+) `(.*)` into (\\S+)$")
-
-// yamlError turns a yaml.v3 message ("line 7: field x not found in type ...") into an Error.
-func yamlError(path, msg string, lineFields map[int]string) *Error {
-	e := &Error{File: path, Msg: msg}
-	if m := yamlLine.FindStringSubmatch(msg); m != nil {
-		e.Line, _ = strconv.Atoi(m[1])
-		e.Msg = m[2]
-		if !strings.Contains(e.Msg, "already defined") {
-			e.Field = lineFields[e.Line]
-		}
-	}
-	e.Msg = strings.TrimPrefix(e.Msg, "yaml: ")
-	if m := notFoundInType.FindStringSubmatch(e.Msg); m != nil {
-		e.Msg = fmt.Sprintf("unknown key %q", m[1])
-	} else if m := cannotUnmarshal.FindStringSubmatch(e.Msg); m != nil {
-		want := m[3]
-		switch {
-		case strings.HasPrefix(want, "[]"):
-			want = "a list"
-		case strings.HasPrefix(want, "config."), strings.HasPrefix(want, "map"):
-			want = "a mapping of keys"
-		case strings.HasPrefix(want, "int"):
-			want = "a whole number"
-		}
-		e.Msg = fmt.Sprintf("%q is a %s, expected %s", m[2], yamlKind(m[1]), want)
-	}
-	return e
-}
-
-func yamlKind(tag string) string {
-	switch tag {
-	case "str":
-		return "string"
-	case "seq":
-		return "list"
-	case "map":
-		return "mapping"
-	case "float":
-		return "number"
-	}
-	return tag
-}
-
-var (
-	imageName = regexp.MustCompile(`^[^/@\s]+$`)
-	poolName  = regexp.MustCompile(`^[^/@\s]+$`)
-	metaKey   = regexp.MustCompile(`^[A-Za-z0-9._-]+$`)
-)
-
-func (c *Config) validate(places map[string]int) Errors {
-	var es Errors
-	bad := func(field, format string, args ...any) {
-		line := places[field]
-		for p := field; line == 0 && p != ""; {
-			i := strings.LastIndexAny(p, ".[")
-			if i < 0 {
-				break
-			}
-			p = p[:i]
-			line = places[p]
-		}
-		es = append(es, &Error{File: c.Path, Line: line, Field: field, Msg: fmt.Sprintf(format, args...)})
-	}
-
-	if c.Node == "" {
-		bad("node", "must not be empty (default: the host name)")
-	} else if !metaKey.MatchString(c.Node) {
-		bad("node", "%q: use letters, digits, '.', '_' and '-' only", c.Node)
-	}
-	if c.Ceph.Conf == "" {
-		bad("ceph.conf", "must name a ceph.conf file")
-	}
-	if c.Ceph.User == "" || strings.HasPrefix(c.Ceph.User, "client.") {
-		bad("ceph.user", "%q: give the cephx id without \"client.\" (e.g. flattend)", c.Ceph.User)
-	}
-	if c.Ceph.ConnectTimeout <= 0 {
-		bad("ceph.connect_timeout", "must be positive, got %s", c.Ceph.ConnectTimeout.D())
-	}
-	if !poolName.MatchString(c.Lock.Pool) {
-		bad("lock.pool", "%q is not a pool name", c.Lock.Pool)
-	}
-	if !imageName.MatchString(c.Lock.Image) {
-		bad("lock.image", "%q is not an image name", c.Lock.Image)
-	}
-	if c.Lock.Slots < 1 || c.Lock.Slots > 64 {
-		bad("lock.slots", "%d is out of range 1..64", c.Lock.Slots)
-	}
-	if c.Lock.CheckInterval <= 0 {
-		bad("lock.check_interval", "must be positive, got %s", c.Lock.CheckInterval.D())
-	}
-	if _, err := cron.ParseStandard(c.Window.Schedule); err != nil {
-		bad("window.schedule", "%q is not a 5-field cron schedule: %v", c.Window.Schedule, err)
-	}
-	if c.Window.Duration <= 0 {
-		bad("window.duration", "must be positive, got %s", c.Window.Duration.D())
-	}
-	if c.Backoff.Min <= 0 {
-		bad("backoff.min", "must be positive, got %s", c.Backoff.Min.D())
-	}
-	if c.Backoff.Max < c.Backoff.Min {
-		bad("backoff.max", "%s is less than backoff.min (%s)", c.Backoff.Max.D(), c.Backoff.Min.D())
-	}
-	if c.Flatten.ConcurrentOps < 1 || c.Flatten.ConcurrentOps > 1024 {
-		bad("flatten.concurrent_ops", "%d is out of range 1..1024", c.Flatten.ConcurrentOps)
-	}
-	if r := c.Flatten.MaxBytesPerSecond; r != 0 && r < minBytesPerSecond {
-		bad("flatten.max_bytes_per_second", "%d is below the minimum of 1MiB (0: no cap)", r)
-	}
-	if c.Flatten.MinTimeLeft < 0 {
-		bad("flatten.min_time_left", "must not be negative, got %s", c.Flatten.MinTimeLeft.D())
-	}
-	if c.Flatten.InUse != InUseSkip && c.Flatten.InUse != InUseAllow {
-		bad("flatten.in_use", "%q: use skip or allow", c.Flatten.InUse)
-	}
-	seenKey := map[string]bool{}
-	for i, k := range c.Flatten.Order {
-		field := fmt.Sprintf("flatten.order[%d]", i)
-		switch {
-		case !slices.Contains(OrderKeys, k):
-			bad(field, "%q: use depth, age or size", k)
-		case seenKey[k]:
-			bad(field, "%q is listed twice", k)
-		}
-		seenKey[k] = true
-	}
-	if c.Flatten.MaxPerWindow < 0 {
-		bad("flatten.max_per_window", "must not be negative, got %d", c.Flatten.MaxPerWindow)
-	}
-	if c.Flatten.RetryAfter <= 0 {
-		bad("flatten.retry_after", "must be positive, got %s", c.Flatten.RetryAfter.D())
-	}
-	if !(c.Gates.SpaceFactor >= 1 && c.Gates.SpaceFactor <= 100) {
-		bad("gates.space_factor", "%g is out of range 1..100 (the space gate cannot be turned off)", c.Gates.SpaceFactor)
-	}
-	if c.Cleanup.SnapshotPattern != "" {
-		if _, err := regexp.Compile(c.Cleanup.SnapshotPattern); err != nil {
-			bad("cleanup.snapshot_pattern", "%q is not a regular expression: %v", c.Cleanup.SnapshotPattern, err)
-		}
-	} else if c.Cleanup.ParentSnapshots {
-		bad("cleanup.snapshot_pattern", "required with cleanup.parent_snapshots: true (a regular expression on snapshot names, e.g. ^snapshot-)")
-	}
-	if c.Gates.CheckInterval <= 0 {
-		bad("gates.check_interval", "must be positive, got %s", c.Gates.CheckInterval.D())
-	}
-	if len(c.Discovery.Pools) == 0 && c.Discovery.Libvirt == nil {
-		bad("discovery.pools", "list at least one pool to look for this node's clones in, or add a discovery.libvirt section")
-	}
-	for i, p := range c.Discovery.Pools {
-		field := fmt.Sprintf("discovery.pools[%d]", i)
-		if !poolName.MatchString(p.Pool) {
-			bad(field+".pool", "%q is not a pool name", p.Pool)
-		}
-		if p.Namespace != "" && !poolName.MatchString(p.Namespace) {
-			bad(field+".namespace", "%q is not a namespace name", p.Namespace)
-		}
-		if _, set := places[field+".owner_key"]; set && p.Shared {
-			bad(field+".owner_key", "a shared pool (shared: true) has no owner: remove owner_key or shared")
-		} else if !p.Shared && !metaKey.MatchString(p.OwnerKey) {
-			bad(field+".owner_key", "%q is not an image-meta key", p.OwnerKey)
-		}
-		if _, err := regexp.Compile(p.Match); err != nil {
-			bad(field+".match", "%q is not a regular expression: %v", p.Match, err)
-		}
-	}
-	if l := c.Discovery.Libvirt; l != nil {
-		if msg := libvirtURIProblem(l.URI); msg != "" {
-			bad("discovery.libvirt.uri", "%q: %s", l.URI, msg)
-		}
-	}
-	if c.Discovery.Interval <= 0 {
-		bad("discovery.interval", "must be positive, got %s", c.Discovery.Interval.D())
-	}
-	if c.Metrics.Listen != "" {
-		if _, port, err := net.SplitHostPort(c.Metrics.Listen); err != nil {
-			bad("metrics.listen", "%q: want host:port (e.g. 127.0.0.1:9478), or \"\" to turn metrics off", c.Metrics.Listen)
-		} else if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
-			bad("metrics.listen", "%q: %q is not a port number", c.Metrics.Listen, port)
-		}
-	}
-	switch c.Log.Level {
-	case "debug", "info", "warn", "error":
-	default:
-		bad("log.level", "%q: use debug, info, warn or error", c.Log.Level)
-	}
-	switch c.Log.Format {
-	case "console", "json":
-	default:
-		bad("log.format", "%q: use console or json", c.Log.Format)
-	}
-	return es
-}
-
-// libvirtURIProblem says what is wrong with a discovery.libvirt.uri, or "" if nothing is: only
-// the local QEMU drivers, as virsh spells them, with an optional socket=PATH.
-func libvirtURIProblem(uri string) string {
-	u, err := url.Parse(uri)
-	switch {
-	case err != nil:
-		return "not a URI"
-	case u.Scheme != "qemu" && u.Scheme != "qemu+unix":
-		return "use a local qemu URI: qemu:///system or qemu:///session, optionally with ?socket=PATH"
-	case u.Host != "" || u.User != nil:
-		return "remote hosts are not supported: flattend reads the VMs of its own host"
-	case u.Path != "/system" && u.Path != "/session":
-		return "use qemu:///system or qemu:///session"
-	}
-	for k, v := range u.Query() {
-		if k != "socket" || len(v) != 1 || !strings.HasPrefix(v[0], "/") {
-			return "the only parameter supported is socket=/absolute/path"
-		}
-	}
-	return ""
-}

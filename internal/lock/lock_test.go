@@ -473,7 +473,7 @@ func TestDeadWaiterSkipped(t *testing.T) {
 	o := lock.Options{Pool: cephtest.Pool, Image: image}
 	holder := newMutex(t, cephtest.DaemonConnect(t), o)
 	deadConn := cephtest.DaemonConnect(t)
-	dead := mutex(t, deadConn, o) // never closed: it dies with its connection
+	dead := cephtest.Mutex(t, deadConn, o) // never closed: it dies with its connection
 	live := newMutex(t, cephtest.DaemonConnect(t), o)
 	for _, m := range []*lock.Mutex{holder, dead, live} {
 		if err := m.Ensure(); err != nil {
@@ -590,7 +590,7 @@ func TestLockImageWithDataRefused(t *testing.T) {
 // newMutex is lock.New, closed before the test's connections are shut down (a watch left on a
 // shut-down connection makes librados abort on the next notification).
 func newMutex(t *testing.T, conn *rados.Conn, o lock.Options) *lock.Mutex {
-	m := mutex(t, conn, o)
+	m := cephtest.Mutex(t, conn, o)
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
@@ -598,22 +598,5 @@ func newMutex(t *testing.T, conn *rados.Conn, o lock.Options) *lock.Mutex {
 			t.Error(err)
 		}
 	})
-	return m
-}
-
-// mutex is lock.New with the options the tests leave out set as the config package's defaults.
-func mutex(t *testing.T, conn *rados.Conn, o lock.Options) *lock.Mutex {
-	t.Helper()
-	o.Slots = max(o.Slots, 1)
-	if o.CheckInterval == 0 {
-		o.CheckInterval = 2 * time.Second
-	}
-	if o.BackoffMin == 0 {
-		o.BackoffMin, o.BackoffMax = 2*time.Second, 2*time.Minute
-	}
-	m, err := lock.New(conn, o)
-	if err != nil {
-		t.Fatal(err)
-	}
 	return m
 }

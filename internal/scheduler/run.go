@@ -162,6 +162,9 @@ func (s *Scheduler) applyReload() {
 		return
 	}
 	old := s.cfg
+	if p.cfg.Connect == nil {
+		p.cfg.Connect = old.Connect // the connector follows the config by itself
+	}
 	s.cfg, s.sources = p.cfg, p.sources
 	if p.cfg.Reconnect || old.Lock != p.cfg.Lock || old.Node != p.cfg.Node {
 		s.log.Info("configuration reloaded: reconnecting for the new connection or lock settings")

@@ -20,6 +20,7 @@ import (
 
 	"github.com/ceph/go-ceph/rados"
 	"github.com/ceph/go-ceph/rbd"
+	"github.com/flattend/flattend/internal/lock"
 )
 
 // Pool is the pool the tests put their images in (created on first use).
@@ -375,4 +376,22 @@ func HoldLock(t testing.TB, ioctx *rados.IOContext, image string) (release func(
 	}
 	t.Cleanup(release)
 	return release
+}
+
+// Mutex is lock.New with the options a test leaves out set as the config package's defaults
+// (one slot, 2 s checks, backoff 2 s to 2 min).
+func Mutex(t testing.TB, conn *rados.Conn, o lock.Options) *lock.Mutex {
+	t.Helper()
+	o.Slots = max(o.Slots, 1)
+	if o.CheckInterval == 0 {
+		o.CheckInterval = 2 * time.Second
+	}
+	if o.BackoffMin == 0 {
+		o.BackoffMin, o.BackoffMax = 2*time.Second, 2*time.Minute
+	}
+	m, err := lock.New(conn, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
 }

@@ -239,7 +239,7 @@ func TestCloneEdgeCases(t *testing.T) {
 	lockImage := cephtest.Name(t, "lock")
 	conf := nodeConfig(t, node, lockImage, "")
 	holder := cephtest.Connect(t)
-	m := lock.New(holder, lock.Options{Pool: cephtest.Pool, Image: lockImage, CheckInterval: time.Second})
+	m := cephtest.Mutex(t, holder, lock.Options{Pool: cephtest.Pool, Image: lockImage, CheckInterval: time.Second})
 	if err := m.Ensure(); err != nil {
 		t.Fatal(err)
 	}

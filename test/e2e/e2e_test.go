@@ -57,7 +57,7 @@ func TestWaitsForHeldLock(t *testing.T) {
 	conn := cephtest.Connect(t)
 	ioctx := cephtest.IOContext(t, conn)
 	lockImage := cephtest.Name(t, "lock")
-	m := lock.New(conn, lock.Options{Pool: cephtest.Pool, Image: lockImage, CheckInterval: time.Second})
+	m := cephtest.Mutex(t, conn, lock.Options{Pool: cephtest.Pool, Image: lockImage, CheckInterval: time.Second})
 	if err := m.Ensure(); err != nil {
 		t.Fatal(err)
 	}
@@ -114,7 +114,7 @@ func TestTimeoutCancelsAndNextRunResumes(t *testing.T) {
 		t.Fatal("cancelled flatten detached the parent")
 	}
 	// The lock was released: another client takes it at once.
-	m := lock.New(conn, lock.Options{Pool: cephtest.Pool, Image: lockImage, CheckInterval: time.Second})
+	m := cephtest.Mutex(t, conn, lock.Options{Pool: cephtest.Pool, Image: lockImage, CheckInterval: time.Second})
 	l, err := m.TryLock(context.Background())
 	if err != nil {
 		t.Fatalf("lock not released on SIGTERM: %v", err)

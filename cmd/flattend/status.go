@@ -1,0 +1,67 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/ceph/go-ceph/rados"
+
+	"github.com/flattend/flattend/internal/config"
+	"github.com/flattend/flattend/internal/lock"
+	"github.com/flattend/flattend/internal/status"
+)
+
+func statusFlags(fs *flag.FlagSet, o *options) {
+	fs.BoolVar(&o.json, "json", false, "print JSON (the format is documented in docs/operations.md)")
+}
+
+// runStatus is `flattend status`: who holds each slot of the lock, on what, how far, and who
+// waits.
+func runStatus(_ context.Context, e *env, o options) int {
+	return showStatus(e.cfg, e.dial, o.json, e.stdout, e.stderr)
+}
+
+func showStatus(cfg *config.Config, dial func() (*rados.Conn, error), asJSON bool, stdout, stderr io.Writer) int {
+	return withSlots(cfg, dial, stderr, func(conn *rados.Conn, slots []lock.SlotStatus) int {
+		waiting, err := lock.ReadQueue(conn, cfg.Lock.Pool, cfg.Lock.Image)
+		if err != nil {
+			fmt.Fprintln(stderr, err)
+			return exitFailure
+		}
+		return printStatus(slots, waiting, asJSON, stdout)
+	})
+}
+
+func printStatus(slots []lock.SlotStatus, waiting []lock.Waiter, asJSON bool, stdout io.Writer) int {
+	var err error
+	r := status.Build(slots, waiting, time.Now())
+	if asJSON {
+		err = status.WriteJSON(stdout, r)
+	} else {
+		err = status.WriteText(stdout, r)
+	}
+	if err != nil {
+		return exitFailure
+	}
+	return exitOK
+}
+
+// withSlots connects, reads every slot of the lock and hands both to fn; errors are printed and
+// turned into exit codes. status and unlock use it.
+func withSlots(cfg *config.Config, dial func() (*rados.Conn, error), stderr io.Writer, fn func(*rados.Conn, []lock.SlotStatus) int) int {
+	conn, err := dial()
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return exitCode(err)
+	}
+	defer conn.Shutdown()
+	slots, err := lock.ReadStatus(conn, cfg.Lock.Pool, cfg.Lock.Image, cfg.Lock.Slots)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return exitFailure
+	}
+	return fn(conn, slots)
+}

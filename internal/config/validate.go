@@ -1,0 +1,265 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/flattend/flattend/internal/window"
+)
+
+var (
+	imageName = regexp.MustCompile(`^[^/@\s]+$`)
+	poolName  = regexp.MustCompile(`^[^/@\s]+$`)
+	metaKey   = regexp.MustCompile(`^[A-Za-z0-9._-]+$`)
+)
+
+// minBytesPerSecond keeps the pause a paced flatten makes per object (4 MiB by default) short:
+// it blocks a librbd thread that the lock image's connection shares.
+const minBytesPerSecond = 1 << 20
+
+// checker collects the problems of one file; each section's check reports through bad.
+type checker struct {
+	path   string
+	places map[string]int // key path -> line, from walk
+	es     Errors
+}
+
+// bad records a problem at field, or at the closest enclosing key the file has when the field
+// itself is not in the file (a default).
+func (v *checker) bad(field, format string, args ...any) {
+	line := v.places[field]
+	for p := field; line == 0 && p != ""; {
+		i := strings.LastIndexAny(p, ".[")
+		if i < 0 {
+			break
+		}
+		p = p[:i]
+		line = v.places[p]
+	}
+	v.es = append(v.es, &Error{File: v.path, Line: line, Field: field, Msg: fmt.Sprintf(format, args...)})
+}
+
+// positive reports field unless d > 0.
+func (v *checker) positive(field string, d Duration) {
+	if d <= 0 {
+		v.bad(field, "must be positive, got %s", d.D())
+	}
+}
+
+// validate checks every section and keeps what it parsed in c.parsed.
+func (c *Config) validate(places map[string]int) Errors {
+	v := &checker{path: c.Path, places: places}
+	v.node(c.Node)
+	v.ceph(c.Ceph)
+	v.lock(c.Lock)
+	c.parsed.window = v.window(c.Window)
+	v.backoff(c.Backoff)
+	v.flatten(c.Flatten)
+	// The gates' checks straddle cleanup's so that the errors keep the order they always had.
+	v.spaceFactor(c.Gates)
+	c.parsed.snapshotPattern = v.cleanup(c.Cleanup)
+	v.positive("gates.check_interval", c.Gates.CheckInterval)
+	c.parsed.poolMatch = v.discovery(c.Discovery)
+	v.metrics(c.Metrics)
+	v.log(c.Log)
+	return v.es
+}
+
+func (v *checker) node(node string) {
+	if node == "" {
+		v.bad("node", "must not be empty (default: the host name)")
+	} else if !metaKey.MatchString(node) {
+		v.bad("node", "%q: use letters, digits, '.', '_' and '-' only", node)
+	}
+}
+
+func (v *checker) ceph(c Ceph) {
+	if c.Conf == "" {
+		v.bad("ceph.conf", "must name a ceph.conf file")
+	}
+	if c.User == "" || strings.HasPrefix(c.User, "client.") {
+		v.bad("ceph.user", "%q: give the cephx id without \"client.\" (e.g. flattend)", c.User)
+	}
+	v.positive("ceph.connect_timeout", c.ConnectTimeout)
+}
+
+func (v *checker) lock(l Lock) {
+	if !poolName.MatchString(l.Pool) {
+		v.bad("lock.pool", "%q is not a pool name", l.Pool)
+	}
+	if !imageName.MatchString(l.Image) {
+		v.bad("lock.image", "%q is not an image name", l.Image)
+	}
+	if l.Slots < 1 || l.Slots > 64 {
+		v.bad("lock.slots", "%d is out of range 1..64", l.Slots)
+	}
+	v.positive("lock.check_interval", l.CheckInterval)
+}
+
+// window parses the window once; it returns the zero Window if anything is wrong.
+func (v *checker) window(w Window) window.Window {
+	// window.New rejects a bad duration before it looks at the schedule; a stand-in duration
+	// gets the schedule checked too, and window.duration is reported on its own.
+	parsed, err := window.New(w.Schedule, max(w.Duration.D(), time.Nanosecond))
+	if err != nil {
+		// errors.Unwrap: the cron parser's own words, without window's prefix.
+		v.bad("window.schedule", "%q is not a 5-field cron schedule: %v", w.Schedule, errors.Unwrap(err))
+	}
+	v.positive("window.duration", w.Duration)
+	if err != nil || w.Duration <= 0 {
+		return window.Window{}
+	}
+	return parsed
+}
+
+func (v *checker) backoff(b Backoff) {
+	v.positive("backoff.min", b.Min)
+	if b.Max < b.Min {
+		v.bad("backoff.max", "%s is less than backoff.min (%s)", b.Max.D(), b.Min.D())
+	}
+}
+
+func (v *checker) flatten(f Flatten) {
+	if f.ConcurrentOps < 1 || f.ConcurrentOps > 1024 {
+		v.bad("flatten.concurrent_ops", "%d is out of range 1..1024", f.ConcurrentOps)
+	}
+	if r := f.MaxBytesPerSecond; r != 0 && r < minBytesPerSecond {
+		v.bad("flatten.max_bytes_per_second", "%d is below the minimum of 1MiB (0: no cap)", r)
+	}
+	if f.MinTimeLeft < 0 {
+		v.bad("flatten.min_time_left", "must not be negative, got %s", f.MinTimeLeft.D())
+	}
+	if f.InUse != InUseSkip && f.InUse != InUseAllow {
+		v.bad("flatten.in_use", "%q: use skip or allow", f.InUse)
+	}
+	seenKey := map[string]bool{}
+	for i, k := range f.Order {
+		field := fmt.Sprintf("flatten.order[%d]", i)
+		switch {
+		case !slices.Contains(OrderKeys, k):
+			v.bad(field, "%q: use depth, age or size", k)
+		case seenKey[k]:
+			v.bad(field, "%q is listed twice", k)
+		}
+		seenKey[k] = true
+	}
+	if f.MaxPerWindow < 0 {
+		v.bad("flatten.max_per_window", "must not be negative, got %d", f.MaxPerWindow)
+	}
+	v.positive("flatten.retry_after", f.RetryAfter)
+}
+
+func (v *checker) spaceFactor(g Gates) {
+	if !(g.SpaceFactor >= 1 && g.SpaceFactor <= 100) {
+		v.bad("gates.space_factor", "%g is out of range 1..100 (the space gate cannot be turned off)", g.SpaceFactor)
+	}
+}
+
+// cleanup returns snapshot_pattern compiled (nil when empty or bad).
+func (v *checker) cleanup(c Cleanup) *regexp.Regexp {
+	if c.SnapshotPattern == "" {
+		if c.ParentSnapshots {
+			v.bad("cleanup.snapshot_pattern", "required with cleanup.parent_snapshots: true (a regular expression on snapshot names, e.g. ^snapshot-)")
+		}
+		return nil
+	}
+	re, err := regexp.Compile(c.SnapshotPattern)
+	if err != nil {
+		v.bad("cleanup.snapshot_pattern", "%q is not a regular expression: %v", c.SnapshotPattern, err)
+	}
+	return re
+}
+
+// discovery returns each pool's match compiled (nil when empty or bad).
+func (v *checker) discovery(d Discovery) []*regexp.Regexp {
+	if len(d.Pools) == 0 && d.Libvirt == nil {
+		v.bad("discovery.pools", "list at least one pool to look for this node's clones in, or add a discovery.libvirt section")
+	}
+	matches := make([]*regexp.Regexp, len(d.Pools))
+	for i, p := range d.Pools {
+		matches[i] = v.pool(fmt.Sprintf("discovery.pools[%d]", i), p)
+	}
+	if l := d.Libvirt; l != nil {
+		if msg := libvirtURIProblem(l.URI); msg != "" {
+			v.bad("discovery.libvirt.uri", "%q: %s", l.URI, msg)
+		}
+	}
+	v.positive("discovery.interval", d.Interval)
+	return matches
+}
+
+// pool checks one discovery.pools entry, field, and returns its match compiled.
+func (v *checker) pool(field string, p PoolSource) *regexp.Regexp {
+	if !poolName.MatchString(p.Pool) {
+		v.bad(field+".pool", "%q is not a pool name", p.Pool)
+	}
+	if p.Namespace != "" && !poolName.MatchString(p.Namespace) {
+		v.bad(field+".namespace", "%q is not a namespace name", p.Namespace)
+	}
+	if _, set := v.places[field+".owner_key"]; set && p.Shared {
+		v.bad(field+".owner_key", "a shared pool (shared: true) has no owner: remove owner_key or shared")
+	} else if !p.Shared && !metaKey.MatchString(p.OwnerKey) {
+		v.bad(field+".owner_key", "%q is not an image-meta key", p.OwnerKey)
+	}
+	re, err := regexp.Compile(p.Match)
+	if err != nil {
+		v.bad(field+".match", "%q is not a regular expression: %v", p.Match, err)
+	}
+	if p.Match == "" {
+		return nil
+	}
+	return re
+}
+
+func (v *checker) metrics(m Metrics) {
+	if m.Listen == "" {
+		return
+	}
+	if _, port, err := net.SplitHostPort(m.Listen); err != nil {
+		v.bad("metrics.listen", "%q: want host:port (e.g. 127.0.0.1:9478), or \"\" to turn metrics off", m.Listen)
+	} else if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		v.bad("metrics.listen", "%q: %q is not a port number", m.Listen, port)
+	}
+}
+
+func (v *checker) log(l Log) {
+	switch l.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		v.bad("log.level", "%q: use debug, info, warn or error", l.Level)
+	}
+	switch l.Format {
+	case "console", "json":
+	default:
+		v.bad("log.format", "%q: use console or json", l.Format)
+	}
+}
+
+// libvirtURIProblem says what is wrong with a discovery.libvirt.uri, or "" if nothing is: only
+// the local QEMU drivers, as virsh spells them, with an optional socket=PATH.
+func libvirtURIProblem(uri string) string {
+	u, err := url.Parse(uri)
+	switch {
+	case err != nil:
+		return "not a URI"
+	case u.Scheme != "qemu" && u.Scheme != "qemu+unix":
+		return "use a local qemu URI: qemu:///system or qemu:///session, optionally with ?socket=PATH"
+	case u.Host != "" || u.User != nil:
+		return "remote hosts are not supported: flattend reads the VMs of its own host"
+	case u.Path != "/system" && u.Path != "/session":
+		return "use qemu:///system or qemu:///session"
+	}
+	for k, v := range u.Query() {
+		if k != "socket" || len(v) != 1 || !strings.HasPrefix(v[0], "/") {
+			return "the only parameter supported is socket=/absolute/path"
+		}
+	}
+	return ""
+}

@@ -27,8 +27,12 @@ test: build ## the whole suite, unit and integration, against throwaway local Ce
 	@echo "== again on a cephx cluster, flattend with its least-privilege key (mon/osd 'profile rbd')"
 	FLATTEND_TEST_AUTH=cephx bash test/run.sh $(GO) test $(GOFLAGS_TAGS) -count=1 -timeout 40m ./internal/... ./test/...
 
-unit: ## pure-logic tests only (no cluster)
-	$(GO) test $(GOFLAGS_TAGS) -count=1 ./internal/config ./internal/scheduler ./internal/gate
+UNIT_PKGS := ./cmd/flattend ./internal/backoff ./internal/config ./internal/gate ./internal/humanize \
+	./internal/libvirturi ./internal/rbdimage ./internal/scheduler ./internal/window
+
+unit: ## pure-logic tests only, with fakes where Ceph would be (no cluster; seconds)
+	$(GO) test $(GOFLAGS_TAGS) -count=1 $(UNIT_PKGS)
+	$(GO) test $(GOFLAGS_TAGS) -count=1 -run 'RetryBusy' ./internal/lock
 
 lint: build
 	bash test/verify-unit.sh

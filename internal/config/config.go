@@ -18,6 +18,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/flattend/flattend/internal/libvirturi"
 	"github.com/flattend/flattend/internal/window"
 )
 
@@ -174,7 +175,7 @@ type LibvirtSource struct {
 }
 
 // DefaultLibvirtURI is discovery.libvirt.uri's default.
-const DefaultLibvirtURI = "qemu:///system"
+const DefaultLibvirtURI = libvirturi.Default
 
 // Metrics says where Prometheus metrics are served.
 type Metrics struct {

@@ -4,13 +4,13 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/url"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/flattend/flattend/internal/libvirturi"
 	"github.com/flattend/flattend/internal/window"
 )
 
@@ -187,8 +187,8 @@ func (v *checker) discovery(d Discovery) []*regexp.Regexp {
 		matches[i] = v.pool(fmt.Sprintf("discovery.pools[%d]", i), p)
 	}
 	if l := d.Libvirt; l != nil {
-		if msg := libvirtURIProblem(l.URI); msg != "" {
-			v.bad("discovery.libvirt.uri", "%q: %s", l.URI, msg)
+		if _, err := libvirturi.Parse(l.URI); err != nil {
+			v.bad("discovery.libvirt.uri", "%v", err)
 		}
 	}
 	v.positive("discovery.interval", d.Interval)
@@ -240,26 +240,4 @@ func (v *checker) log(l Log) {
 	default:
 		v.bad("log.format", "%q: use console or json", l.Format)
 	}
-}
-
-// libvirtURIProblem says what is wrong with a discovery.libvirt.uri, or "" if nothing is: only
-// the local QEMU drivers, as virsh spells them, with an optional socket=PATH.
-func libvirtURIProblem(uri string) string {
-	u, err := url.Parse(uri)
-	switch {
-	case err != nil:
-		return "not a URI"
-	case u.Scheme != "qemu" && u.Scheme != "qemu+unix":
-		return "use a local qemu URI: qemu:///system or qemu:///session, optionally with ?socket=PATH"
-	case u.Host != "" || u.User != nil:
-		return "remote hosts are not supported: flattend reads the VMs of its own host"
-	case u.Path != "/system" && u.Path != "/session":
-		return "use qemu:///system or qemu:///session"
-	}
-	for k, v := range u.Query() {
-		if k != "socket" || len(v) != 1 || !strings.HasPrefix(v[0], "/") {
-			return "the only parameter supported is socket=/absolute/path"
-		}
-	}
-	return ""
 }

@@ -242,15 +242,15 @@ func (l *Lease) Unlock() error {
 		_ = l.img.RemoveMetadata(RecordKey)
 		if rerr := l.img.LockRelease(); rerr != nil {
 			err = fmt.Errorf("releasing lock on %s: %w", l.Image(), wrapErr(rerr))
+		} else {
+			// The slot is free: wake the next waiter now, not after closing the image.
+			l.m.released()
 		}
 	} else {
 		err = lost
 	}
 	if cerr := l.img.Close(); cerr != nil && err == nil {
 		err = fmt.Errorf("closing lock image %s: %w", l.Image(), cerr)
-	}
-	if err == nil {
-		l.m.released()
 	}
 	if lost != nil && !errors.Is(err, ErrLost) {
 		err = fmt.Errorf("%w: %w", ErrLost, err)

@@ -3,9 +3,11 @@
 SHELL := /bin/bash
 GO ?= go
 # go-ceph v0.34.0 needs the `pacific` tag against Ceph 16 (librbd 1.16); none against 17 and later.
-LIBRBD_MINOR := $(shell sed -n 's/^\#define LIBRBD_VER_MINOR \([0-9]*\).*/\1/p' /usr/include/rbd/librbd.h 2>/dev/null)
+# Recursive (=) on purpose: librbd.h is read when a recipe runs, after `deps` installed it, not
+# when make parses this file (on a fresh machine it is not there yet).
+LIBRBD_MINOR = $(shell sed -n 's/^\#define LIBRBD_VER_MINOR \([0-9]*\).*/\1/p' /usr/include/rbd/librbd.h 2>/dev/null)
 GO_TAGS ?= $(shell [ -n "$(LIBRBD_MINOR)" ] && [ "$(LIBRBD_MINOR)" -le 16 ] && echo pacific)
-GOFLAGS_TAGS := $(if $(GO_TAGS),-tags $(GO_TAGS),)
+GOFLAGS_TAGS = $(if $(GO_TAGS),-tags $(GO_TAGS),)
 export GO_TAGS
 export FLATTEND_BIN := $(CURDIR)/bin/flattend
 
@@ -30,7 +32,7 @@ test: build ## the whole suite, unit and integration, against throwaway local Ce
 UNIT_PKGS := ./cmd/flattend ./internal/backoff ./internal/config ./internal/gate ./internal/humanize \
 	./internal/libvirturi ./internal/rbdimage ./internal/scheduler ./internal/window
 
-unit: ## pure-logic tests only, with fakes where Ceph would be (no cluster; seconds)
+unit: deps ## pure-logic tests only, with fakes where Ceph would be (no cluster; seconds)
 	$(GO) test $(GOFLAGS_TAGS) -count=1 $(UNIT_PKGS)
 	$(GO) test $(GOFLAGS_TAGS) -count=1 -run 'RetryBusy' ./internal/lock
 

@@ -6,7 +6,8 @@
 //	discovery  discovery vs `rbd ls -l` over a pool of many images (bench/discovery.go): discovery.json
 //	lock       3 `flattend once` processes × 12 small clones: handover gap, makespan vs the same
 //	           flattens alone, `rbd flatten` in a loop, the mgr queue and a fixed-tick lock
-//	           (bench/lockbench.go): lock.json, timeline.svg, timeline-fixed-tick*.svg
+//	           (bench/lockbench.go), and the gap at the RADOS level from the OSD's op history, no flattend
+//	           log (bench/radosgap.go): lock.json, timeline.svg, timeline-fixed-tick*.svg
 //	fleet      50 (and 10) simulated nodes on their own RADOS connections contending for the lock:
 //	           gap, fairness, lock attempts and OSD ops per handover (bench/fleet.go): fleet.json
 //	throttle   flatten.concurrent_ops vs a client's write latency, and librbd QoS vs flatten

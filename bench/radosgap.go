@@ -41,14 +41,15 @@ const radosGapSource = "OSD op history: ceph daemon <osd.0 asok> dump_historic_o
 
 // radosGap is one run's (or a variant's pooled) RADOS-level gaps.
 type radosGap struct {
-	Flattens      int     `json:"flattens"`        // clones whose data-object writes were found
-	WritesPerFlat [2]int  `json:"writes_per_flat"` // min, max
-	Gap           dist    `json:"gap_last_write_received_to_next_first_received"`
-	Idle          dist    `json:"gap_last_write_done_to_next_first_received"`
-	SameNode      dist    `json:"same_node_received_to_next_first_received"` // flattend, fixed-tick
-	Overlaps      int     `json:"overlaps"`                                  // negative gaps among Gap
-	LastWriteMS   float64 `json:"last_write_service_ms_p50"`                 // receipt → done of the last writes
-	Clients       int     `json:"writer_clients"`                            // distinct RADOS clients that wrote
+	Flattens      int       `json:"flattens"`        // clones whose data-object writes were found
+	WritesPerFlat [2]int    `json:"writes_per_flat"` // min, max
+	Gap           dist      `json:"gap_last_write_received_to_next_first_received"`
+	Idle          dist      `json:"gap_last_write_done_to_next_first_received"`
+	SameNode      dist      `json:"same_node_received_to_next_first_received"` // flattend, fixed-tick
+	Overlaps      int       `json:"overlaps"`                                  // negative gaps among Gap
+	LastWriteMS   float64   `json:"last_write_service_ms_p50"`                 // receipt → done of the last writes
+	Clients       int       `json:"writer_clients"`                            // distinct RADOS clients that wrote
+	GapsMS        []float64 `json:"gaps_ms,omitempty"`                         // one run's gaps in flatten order (handovers only)
 	gaps, idle    []time.Duration
 	same, service []time.Duration
 	n             int
@@ -188,6 +189,7 @@ func (g *radosGap) add(ss []*flatSpan, objects int, variant string) {
 		if s.node == "" || p.node != s.node {
 			g.gaps, g.idle = append(g.gaps, gap), append(g.idle, s.first.Sub(p.done))
 			g.service = append(g.service, p.lastService)
+			g.GapsMS = append(g.GapsMS, float64(gap.Microseconds())/1000)
 			if gap < 0 {
 				g.Overlaps++
 			}

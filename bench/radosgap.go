@@ -21,6 +21,12 @@ package main
 // bench's own clone list) count; a node's consecutive turns are counted apart (same_node_*).
 // Every other variant has one worker, so every consecutive pair counts. A negative gap is an
 // overlap: two flattens writing at the same time.
+//
+// The first write of a flatten comes after librbd has read the parent's object, and the gap holds
+// the previous flatten's tail after its last copy-up (remove_child, header, unlock, close) and the
+// next one's start (open, exclusive lock, object map): what flattend's log-based gaps leave inside
+// "flatten". The mgr queue shows about one 5 s gap per run: tasks added while its handler sweeps
+// wait for the next tick (rbd_support/task.py, condition.wait(5)).
 
 import (
 	"encoding/json"

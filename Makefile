@@ -42,8 +42,8 @@ lint: build
 	$(GO) vet $(GOFLAGS_TAGS) ./...
 	$(GO) tool staticcheck $(GOFLAGS_TAGS) ./...
 
-bench: build ## measurements against a throwaway local cluster: a table and bench/results/*.json
-	bash test/run.sh $(GO) run $(GOFLAGS_TAGS) ./bench
+bench: build ## measurements against a throwaway local cluster: a table and bench/results/*.json (BENCH_ARGS="-benches lock …" picks)
+	bash test/run.sh $(GO) run $(GOFLAGS_TAGS) ./bench $(BENCH_ARGS)
 
 demo: build ## several simulated nodes flattening in turn on a throwaway local cluster
 	bash test/demo.sh

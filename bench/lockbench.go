@@ -59,6 +59,8 @@ type lockRun struct {
 	Handovers           int   `json:"handovers,omitempty"` // between different nodes
 	// Prep: flattend's work under the lock before the flatten starts (gates, in-use check, record).
 	AcquireToStart *dist `json:"lock_acquired_to_flatten_start,omitempty"`
+	// Rados: gaps from the OSD's op history, no flattend log (bench/radosgap.go).
+	Rados *radosGap `json:"rados_gap,omitempty"`
 }
 
 type lockReport struct {
@@ -78,6 +80,9 @@ type lockReport struct {
 	// Medians over rounds of flattend's makespan divided by …
 	RatioOwnSum   float64            `json:"ratio_makespan_over_own_flatten_sum"` // … its own flattens' sum
 	RatioVsOthers map[string]float64 `json:"ratio_makespan_over"`                 // … each other variant's makespan
+	// Per variant, pooled over rounds: gaps from the OSD's op history (bench/radosgap.go).
+	RadosGapSource string              `json:"rados_gap_source"`
+	RadosGap       map[string]radosGap `json:"rados_gap"`
 }
 
 type lockEv struct {
@@ -89,9 +94,10 @@ type lockEv struct {
 	Res   string    `json:"result"`
 }
 
-func benchLock(conn *rados.Conn, bin, out string, nodes, perNode, mib, rounds int, tick time.Duration, variants []string) {
+func benchLock(conn *rados.Conn, bin, out string, nodes, perNode, mib, rounds int, tick time.Duration, variants []string, histSize int) {
 	ioctx := ensurePool(conn, lockPool)
 	defer ioctx.Destroy()
+	hist := newOSDHistory(conn, histSize)
 	parent := "parent"
 	fmt.Printf("lock: %d nodes × %d clones of %d MiB, %d round(s), variants %v\n", nodes, perNode, mib, rounds, variants)
 	makeParentObj(ioctx, parent, uint64(mib)<<20, 22)
@@ -121,6 +127,7 @@ func benchLock(conn *rados.Conn, bin, out string, nodes, perNode, mib, rounds in
 				}
 			}
 			run := lockRun{Round: r, Variant: v, Clones: len(all)}
+			ids, nodeOf, since := imageIDs(ioctx, all), cloneNodes(v, names), time.Now()
 			fmt.Printf("lock: round %d, %s …\n", r, v)
 			switch v {
 			case "flattend":
@@ -174,6 +181,7 @@ func benchLock(conn *rados.Conn, bin, out string, nodes, perNode, mib, rounds in
 					fail("%s: %s is not flat after the run", v, c)
 				}
 			}
+			run.Rados = hist.measure(v, since, ids, nodeOf, (mib+3)/4)
 			fmt.Printf("lock: round %d, %-10s makespan %.2fs (sum of flattens %.2fs)\n", r, v, run.MakespanS, run.SumFlattenS)
 			rep.Runs = append(rep.Runs, run)
 			removeImages(ioctx, all)
@@ -239,6 +247,8 @@ func benchLock(conn *rados.Conn, bin, out string, nodes, perNode, mib, rounds in
 	for _, k := range slices.Sorted(maps.Keys(rep.RatioVsOthers)) {
 		fmt.Printf("flattend makespan ÷ %s makespan: median %.3f\n", k, rep.RatioVsOthers[k])
 	}
+	rep.RadosGapSource, rep.RadosGap = radosGapSource, hist.pooledMap()
+	hist.print(rep.Runs)
 	fmt.Println("wrote", writeJSON(out, "lock.json", rep))
 }
 

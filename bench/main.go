@@ -6,7 +6,8 @@
 //	discovery  discovery vs `rbd ls -l` over a pool of many images (bench/discovery.go): discovery.json
 //	lock       3 `flattend once` processes × 12 small clones: handover gap, makespan vs the same
 //	           flattens alone, `rbd flatten` in a loop, the mgr queue and a fixed-tick lock
-//	           (bench/lockbench.go): lock.json, timeline.svg, timeline-fixed-tick*.svg
+//	           (bench/lockbench.go), and the gap at the RADOS level from the OSD's op history, no flattend
+//	           log (bench/radosgap.go): lock.json, timeline.svg, timeline-fixed-tick*.svg
 //	fleet      50 (and 10) simulated nodes on their own RADOS connections contending for the lock:
 //	           gap, fairness, lock attempts and OSD ops per handover (bench/fleet.go): fleet.json
 //	throttle   flatten.concurrent_ops vs a client's write latency, and librbd QoS vs flatten
@@ -72,6 +73,7 @@ func main() {
 	lockMiB := flag.Int("lock-mib", 32, "lock bench: clone size in MiB")
 	lockRounds := flag.Int("lock-rounds", 2, "lock bench: rounds (variants in rotating order)")
 	lockTick := flag.Duration("lock-tick", 2*time.Second, "lock bench: the fixed-tick baseline's polling interval")
+	lockHist := flag.Int("lock-osd-history", 20000, "lock bench: the OSD's op history size (osd_op_history_size) for the RADOS-level gaps")
 	lockVariants := flag.String("lock-variants", "flattend,alone,rbd-cli,mgr,fixed-tick,fixed-tick-yield", "lock bench: variants")
 	fleetSizes := flag.String("fleet-nodes", "10,50", "fleet bench: fleet sizes (simulated nodes) to run")
 	fleetHandovers := flag.Int("fleet-handovers", 200, "fleet bench: handovers per fleet size (about)")
@@ -129,7 +131,7 @@ func main() {
 	})
 	step("lock", func() {
 		waitForRoom(3)
-		benchLock(conn, *bin, *out, *lockNodes, *lockClones, *lockMiB, *lockRounds, *lockTick, strings.Split(*lockVariants, ","))
+		benchLock(conn, *bin, *out, *lockNodes, *lockClones, *lockMiB, *lockRounds, *lockTick, strings.Split(*lockVariants, ","), *lockHist)
 	})
 	step("fleet", func() {
 		benchFleet(conn, *out, ints(*fleetSizes), *fleetHandovers, *fleetHold, *fleetBoMin, *fleetBoMax)

@@ -54,7 +54,7 @@ func onePass(ctx context.Context, sched *scheduler.Scheduler, dial func() (*rado
 	if err != nil {
 		return scheduler.Summary{}, err
 	}
-	return sched.Flatten(ctx, []discovery.Clone{clone}), nil
+	return sched.FlattenNamed(ctx, []discovery.Clone{clone}), nil
 }
 
 // passResult logs how the pass ended and returns the exit code: a signal is a clean stop.

@@ -113,15 +113,16 @@ func buildPlan(ctx context.Context, cfg *config.Config, conn *rados.Conn, now ti
 	scheduler.Order(found.Clones, cfg.Flatten.Order)
 	for _, c := range found.Clones {
 		users, err := rbdimage.Users(conn, c.Spec)
+		inUse := scheduler.InUse(users, cfg.Flatten.InUse == config.InUseAllow)
 		switch {
 		case errors.Is(err, rbdimage.ErrNotFound):
 			p.Skipped = append(p.Skipped, PlanSkipped{Image: c.String(), Source: c.Source, Reason: "removed since discovery"})
 			continue
 		case err != nil:
 			return Plan{}, err
-		case len(users) > 0 && cfg.Flatten.InUse != config.InUseAllow:
+		case inUse != nil:
 			p.Skipped = append(p.Skipped, PlanSkipped{Image: c.String(), Source: c.Source,
-				Reason: "in use by another client (flatten.in_use: skip): " + strings.Join(users, ", ")})
+				Reason: fmt.Sprintf("%s (flatten.in_use: skip): %s", scheduler.ErrInUse, strings.Join(users, ", "))})
 			continue
 		}
 		pc := PlanClone{Position: len(p.Clones) + 1, Image: c.String(), Pool: c.Pool, Namespace: c.Namespace, Name: c.Image,

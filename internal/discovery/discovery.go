@@ -110,12 +110,6 @@ func merge(clones []Clone, at map[string]int, c Clone) []Clone {
 	return clones
 }
 
-// Discover is Find without the skipped images.
-func Discover(ctx context.Context, conn *rados.Conn, sources []Source) ([]Clone, error) {
-	f, err := Find(ctx, conn, sources)
-	return f.Clones, err
-}
-
 // collector gathers what a source's concurrent lookups find.
 type collector struct {
 	mu    sync.Mutex

@@ -32,7 +32,8 @@ func TestPoolOwner(t *testing.T) {
 		discovery.Pool{Pool: cephtest.Pool, OwnerKey: "flattend.owner", Node: node, Workers: 3},
 		discovery.Pool{Pool: cephtest.Pool, OwnerKey: "flattend.owner", Node: node}, // duplicates merge
 	}
-	clones, err := discovery.Discover(context.Background(), conn, sources)
+	found, err := discovery.Find(context.Background(), conn, sources)
+	clones := found.Clones
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -48,13 +49,14 @@ func TestPoolOwner(t *testing.T) {
 		t.Fatalf("discovered %v, want %v", got, mine)
 	}
 
-	clones, err = discovery.Discover(context.Background(), conn,
+	found, err = discovery.Find(context.Background(), conn,
 		[]discovery.Source{discovery.Pool{Pool: cephtest.Pool, OwnerKey: "site.owner", Node: node}})
+	clones = found.Clones
 	if err != nil || len(clones) != 1 || clones[0].Image != custom {
 		t.Fatalf("owner_key site.owner: %v, %v; want only %s", clones, err, custom)
 	}
 
-	_, err = discovery.Discover(context.Background(), conn,
+	_, err = discovery.Find(context.Background(), conn,
 		[]discovery.Source{discovery.Pool{Pool: "no-such-pool", OwnerKey: "flattend.owner", Node: node}})
 	if err == nil {
 		t.Fatal("a missing pool must fail discovery, not look like an empty one")

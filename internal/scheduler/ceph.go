@@ -45,7 +45,8 @@ func (l cephLocker) Close(ctx context.Context) error { return l.s.Close(ctx) }
 type cephFlattener struct{ conn *rados.Conn }
 
 func (f cephFlattener) Discover(ctx context.Context, sources []discovery.Source) ([]discovery.Clone, error) {
-	return discovery.Discover(ctx, f.conn, sources)
+	found, err := discovery.Find(ctx, f.conn, sources)
+	return found.Clones, err
 }
 
 func (f cephFlattener) CheckGates(g gate.Config, pool string, need uint64) error {

@@ -57,9 +57,10 @@ func (s *Scheduler) Pass(ctx context.Context) (Summary, error) {
 	return s.work(ctx, clones), nil
 }
 
-// Flatten flattens the given clones (in this order) like a pass does, for `once --image`. Each is
+// FlattenNamed flattens the clones an operator named (in this order) like a pass does, for
+// `once --image`. Each is
 // first checked for copy-ups lost by an earlier flatten that was killed (see RepairCopyups).
-func (s *Scheduler) Flatten(ctx context.Context, clones []discovery.Clone) Summary {
+func (s *Scheduler) FlattenNamed(ctx context.Context, clones []discovery.Clone) Summary {
 	for _, c := range clones {
 		s.checkFirst[c.Spec.String()] = true
 	}

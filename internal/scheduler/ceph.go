@@ -18,6 +18,7 @@ import (
 // lock (lock.Session) and does every clone operation.
 func CephConnector(dial lock.Dialer, log *zap.Logger) Connector {
 	return func(o lock.Options) (Locker, Flattener, error) {
+		log := log.With(zap.String("node", o.Node))
 		busy := func(wait time.Duration) {
 			log.Debug("lock busy, backing off", zap.String("lock", o.Pool+"/"+o.Image), zap.Duration("wait", wait))
 		}

@@ -94,7 +94,7 @@ type prepared struct {
 
 // job is one attempt at c on sess.
 func (s *Scheduler) job(ctx context.Context, sess *session, c discovery.Clone) error {
-	pre, err := s.prepare(sess, c)
+	pre, err := s.prepare(sess, c, false)
 	if err != nil || pre.done {
 		return err
 	}
@@ -136,10 +136,10 @@ func (s *Scheduler) job(ctx context.Context, sess *session, c discovery.Clone) e
 	return ferr
 }
 
-// prepare asks, before the lock, whether c still needs a flatten and may have one now: its
-// parent, its users and the gates. The answers are used after the grant if they are still
-// fresh (gates.check_interval), so that a handover costs only what must be done under the lock.
-func (s *Scheduler) prepare(sess *session, c discovery.Clone) (prepared, error) {
+// prepare asks whether c still needs a flatten and may have one now: its parent, its users and
+// the gates. Asked before the lock, the answers are used after the grant if they are still fresh
+// (gates.check_interval), so that a handover costs only what must be done under the lock.
+func (s *Scheduler) prepare(sess *session, c discovery.Clone, locked bool) (prepared, error) {
 	spec := c.Spec
 	log := s.log.With(zap.String("image", spec.String()))
 	info, err := sess.Inspect(spec)
@@ -158,6 +158,11 @@ func (s *Scheduler) prepare(sess *session, c discovery.Clone) (prepared, error) 
 		return prepared{}, err
 	}
 	if err := InUse(users, s.cfg.AllowInUse); err != nil {
+		if !locked {
+			// The user may be a holder killed mid-flatten whose watch has not timed out yet;
+			// taking the lock waits for that. Decide under the lock: pre.at is zero, so stale.
+			return prepared{info: info}, nil
+		}
 		return prepared{}, err
 	}
 	if len(users) > 0 {
@@ -179,9 +184,9 @@ func (s *Scheduler) underLease(ctx context.Context, sess *session, lease Lease, 
 		return err
 	}
 	if time.Since(pre.at) > s.cfg.GateInterval {
-		// The wait outlasted the answers: ask again, now under the lock.
+		// The wait outlasted the answers (or the clone looked in use): ask again, under the lock.
 		var err error
-		if pre, err = s.prepare(sess, c); err != nil || pre.done {
+		if pre, err = s.prepare(sess, c, true); err != nil || pre.done {
 			return err
 		}
 	}

@@ -131,7 +131,7 @@ func TestHealthGateAbortsRunningFlatten(t *testing.T) {
 func TestWindowEnd(t *testing.T) {
 	conn := cephtest.Connect(t)
 	late := newSlowNode(t, conn, 16)
-	ending := newSlowNode(t, conn, 256) // 4096 objects one at a time: well over 6 s of copying
+	ending := newSlowNode(t, conn, 256) // paced at 16 MiB/s below: 16 s of copying, by construction
 	now := time.Now()
 	opened := now.Truncate(time.Minute)
 	window := func(left time.Duration) string {
@@ -139,7 +139,7 @@ func TestWindowEnd(t *testing.T) {
 			now.Sub(opened)+left)
 	}
 	lateRun := start(t, "run", "--config", nodeConfig(t, late.node, late.lockImage, window(40*time.Second)+"flatten: {min_time_left: 1m}\n"))
-	endingRun := start(t, "run", "--config", nodeConfig(t, ending.node, ending.lockImage, window(6*time.Second)+"flatten: {concurrent_ops: 1, min_time_left: 1s}\n"))
+	endingRun := start(t, "run", "--config", nodeConfig(t, ending.node, ending.lockImage, window(6*time.Second)+"flatten: {concurrent_ops: 1, min_time_left: 1s, max_bytes_per_second: 16MiB}\n"))
 
 	lateRun.waitFor(t, 30*time.Second, "refusal to start", func(e event) bool { return e.Msg == "no more flattens in this window" })
 	endingRun.waitFor(t, time.Minute, "the window's end", func(e event) bool { return e.Msg == "window ended" })

@@ -122,8 +122,10 @@ func TestTimeoutCancelsAndNextRunResumes(t *testing.T) {
 	_ = l.Unlock()
 	_ = m.Close(context.Background())
 
-	// --timeout: cancelled again, exit 1 because the clone is left.
-	code, out := runCmd(t, time.Minute, "once", "--config", cfg, "--timeout", "1s")
+	// --timeout: cancelled again, exit 1 because the clone is left. Paced at 1 MiB/s (16 objects
+	// a second), the rest of the walk cannot finish within the second, however fast the machine.
+	paced := nodeConfig(t, n.node, lockImage, "flatten: {concurrent_ops: 1, max_bytes_per_second: 1MiB}\n")
+	code, out := runCmd(t, time.Minute, "once", "--config", paced, "--timeout", "1s")
 	if code != 1 || !strings.Contains(out, `"result":"cancelled"`) || !strings.Contains(out, "once --timeout 1s reached") {
 		t.Fatalf("once --timeout 1s: exit %d, output:\n%s", code, out)
 	}

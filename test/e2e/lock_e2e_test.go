@@ -214,9 +214,11 @@ func firstError(evs []event) string {
 
 // flattend status shows, from any node, who holds the lock, on which clone, how far.
 func TestStatusShowsHolder(t *testing.T) {
-	// ~8 s of flatten: the record is rewritten with progress every 3 s, and each status run connects.
+	// 16 s of flatten by construction (paced at 8 MiB/s): the record is rewritten with progress
+	// every 3 s, and each status run connects.
 	n := newSlowNode(t, cephtest.Connect(t), 128)
-	node, lockImage, cfg := n.node, n.lockImage, n.conf
+	node, lockImage := n.node, n.lockImage
+	cfg := nodeConfig(t, node, lockImage, "flatten: {concurrent_ops: 1, max_bytes_per_second: 8MiB}\n")
 	other := nodeConfig(t, cephtest.Name(t, "observer"), lockImage, "")
 
 	code, out := runCmd(t, 30*time.Second, "status", "--config", other, "--json")

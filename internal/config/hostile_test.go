@@ -62,7 +62,7 @@ func TestIntervalBounds(t *testing.T) {
 		{"gates:\n  check_interval: 10ms\n", `c.yaml:3: gates.check_interval: 10ms is below the minimum of 1s`},
 		{"backoff:\n  min: 1ms\n", `c.yaml:3: backoff.min: 1ms is below the minimum of 100ms`},
 		{"backoff:\n  max: 1ms\n", `c.yaml:3: backoff.max: 1ms is less than backoff.min (2s)`},
-		{"discovery:\n  interval: 1s\n", `c.yaml:3: discovery.interval: 1s is below the minimum of 10s`},
+		{"discovery:\n  interval: 500ms\n", `c.yaml:3: discovery.interval: 500ms is below the minimum of 1s`},
 		{"flatten:\n  retry_after: 48h\n", `c.yaml:3: flatten.retry_after: 48h is above the maximum of 24h`},
 		{"flatten:\n  retry_after: 1000000h\n", `c.yaml:3: flatten.retry_after: 1000000h is above the maximum of 24h`},
 	} {
@@ -75,7 +75,7 @@ func TestIntervalBounds(t *testing.T) {
 	}
 	// The bounds themselves are allowed.
 	ok := pools + "lock: {check_interval: 100ms}\ngates: {check_interval: 1s}\nbackoff: {min: 100ms}\nflatten: {retry_after: 24h}\n"
-	for _, y := range []string{ok, pools + "lock: {check_interval: 10s}\n", "discovery: {pools: [{pool: vms}], interval: 10s}\n"} {
+	for _, y := range []string{ok, pools + "lock: {check_interval: 10s}\n", "discovery: {pools: [{pool: vms}], interval: 1s}\n"} {
 		if _, err := Parse("c.yaml", []byte(y)); err != nil {
 			t.Errorf("%q: %v", y, err)
 		}

@@ -38,8 +38,10 @@ const (
 	minGateCheck = time.Second
 	// minBackoff: each attempt opens a lock image per slot.
 	minBackoff = 100 * time.Millisecond
-	// minDiscoveryInterval: a pass reads the header of every image of every pool listed.
-	minDiscoveryInterval = 10 * time.Second
+	// minDiscoveryInterval: a pass reads the header of every image of every pool listed. The
+	// wait starts when a pass ends, so 1 s cannot be a busy loop, and the e2e partition test
+	// relies on 2 s.
+	minDiscoveryInterval = time.Second
 	// maxRetryAfter: the scheduler caps the doubled wait at a day anyway.
 	maxRetryAfter = 24 * time.Hour
 )

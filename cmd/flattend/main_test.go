@@ -23,6 +23,7 @@ func writeConfig(t *testing.T, extra string) string {
 func TestUsage(t *testing.T) {
 	good := writeConfig(t, "")
 	bad := writeConfig(t, "lock: {slots: 0}\n")
+	zoneOnly := writeConfig(t, "window: {schedule: \"CRON_TZ=Europe/Paris\"}\n") // robfig/cron panicked
 	for _, tc := range []struct {
 		name     string
 		args     []string
@@ -42,12 +43,16 @@ func TestUsage(t *testing.T) {
 		{"missing config", []string{"check", "--config", "/nonexistent/c.yaml"}, 2, "",
 			"/nonexistent/c.yaml: no such file (write one; see config.example.yaml)\n"},
 		{"invalid config", []string{"status", "--config", bad}, 2, "", bad + ":4: lock.slots: 0 is out of range 1..64\n"},
+		{"check schedule without fields", []string{"check", "--config", zoneOnly}, 2, "",
+			zoneOnly + ":4: window.schedule: \"CRON_TZ=Europe/Paris\" is not a 5-field cron schedule: no schedule after CRON_TZ=Europe/Paris"},
 		{"unlock without force", []string{"unlock", "--config", good}, 2, "",
 			"flattend unlock: breaking a lock needs --force (see flattend unlock --help)\n"},
 		{"unlock slot out of range", []string{"unlock", "--force", "--slot", "1", "--config", good}, 2, "",
 			"flattend unlock: --slot 1: the configuration has slots 0..0\n"},
 		{"unlock negative slot", []string{"unlock", "--force", "--slot=-1", "--config", good}, 2, "",
 			"flattend unlock: --slot -1: the configuration has slots 0..0\n"},
+		{"once negative timeout", []string{"once", "--timeout", "-5s", "--config", good}, 2, "",
+			"flattend once: --timeout: must not be negative, got -5s (0: no limit)\n"},
 		{"once bad image", []string{"once", "--image", "nope", "--config", good}, 2, "",
 			"flattend once: --image: \"nope\" is not pool/image or pool/namespace/image\n"},
 	} {

@@ -23,6 +23,10 @@ func onceFlags(fs *flag.FlagSet, o *options) {
 // runOnce is `flattend once`: one pass now (or the one clone --image names), ignoring the
 // window. Clones left over exit with exitFailure.
 func runOnce(ctx context.Context, e *env, o options) int {
+	if o.timeout < 0 { // it would mean no limit, the opposite of what was asked
+		fmt.Fprintf(e.stderr, "flattend once: --timeout: must not be negative, got %s (0: no limit)\n", o.timeout)
+		return exitUsage
+	}
 	if o.image != "" {
 		if _, err := parseImage(o.image); err != nil {
 			fmt.Fprintf(e.stderr, "flattend once: --image: %v\n", err)

@@ -68,6 +68,22 @@ var yamlLine = regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`)
 
 // Parse is Load on bytes already read; path only names them in errors.
 func Parse(path string, data []byte) (*Config, error) {
+	return guard(path, func() (*Config, error) { return parse(path, data) })
+}
+
+// guard runs f and turns a panic in it into an Error: whatever a hostile file does to a
+// library, `check` reports it and a reload keeps the running config instead of killing the
+// daemon.
+func guard(path string, f func() (*Config, error)) (cfg *Config, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			cfg, err = nil, Errors{{File: path, Msg: fmt.Sprintf("cannot read this configuration (internal error: %v)", r)}}
+		}
+	}()
+	return f()
+}
+
+func parse(path string, data []byte) (*Config, error) {
 	cfg, places, es := decode(path, data)
 	if len(es) > 0 {
 		return nil, es

@@ -4,11 +4,14 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"reflect"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/flattend/flattend/internal/libvirturi"
 	"github.com/flattend/flattend/internal/window"
@@ -20,6 +23,29 @@ var (
 	metaKey   = regexp.MustCompile(`^[A-Za-z0-9._-]+$`)
 )
 
+// Bounds on the intervals, so that a typo (1ns, 1ms) cannot make a busy loop of calls to the
+// cluster. docs/configuration.md gives them to operators.
+const (
+	// minLockCheck: each check asks librbd whether the lock is still ours.
+	minLockCheck = 100 * time.Millisecond
+	// maxLockCheck: a holder gives up its lease once its watch has gone unconfirmed for 12 s
+	// (lock.maxUnconfirmed), but it only notices at a check, so up to 12 s + check_interval
+	// after the cluster last heard from it. Other nodes break the lock once the watch times out
+	// (osd_client_watch_timeout, 30 s by default): 10 s leaves the cancelled flatten 8 s to
+	// drain its copy-ups. 10 s is also the holder record's heartbeat, refreshed at checks only.
+	maxLockCheck = 10 * time.Second
+	// minGateCheck: each check is four mon commands (health detail, pg stat, df, quota).
+	minGateCheck = time.Second
+	// minBackoff: each attempt opens a lock image per slot.
+	minBackoff = 100 * time.Millisecond
+	// minDiscoveryInterval: a pass reads the header of every image of every pool listed. The
+	// wait starts when a pass ends, so 1 s cannot be a busy loop, and the e2e partition test
+	// relies on 2 s.
+	minDiscoveryInterval = time.Second
+	// maxRetryAfter: the scheduler caps the doubled wait at a day anyway.
+	maxRetryAfter = 24 * time.Hour
+)
+
 // minBytesPerSecond keeps the pause a paced flatten makes per object (4 MiB by default) short:
 // it blocks a librbd thread that the lock image's connection shares.
 const minBytesPerSecond = 1 << 20
@@ -29,11 +55,16 @@ type checker struct {
 	path   string
 	places map[string]int // key path -> line, from walk
 	es     Errors
+	// unprintable holds the fields printable reported: their other problems would only repeat it.
+	unprintable map[string]bool
 }
 
 // bad records a problem at field, or at the closest enclosing key the file has when the field
 // itself is not in the file (a default).
 func (v *checker) bad(field, format string, args ...any) {
+	if v.unprintable[field] {
+		return
+	}
 	line := v.places[field]
 	for p := field; line == 0 && p != ""; {
 		i := strings.LastIndexAny(p, ".[")
@@ -53,9 +84,40 @@ func (v *checker) positive(field string, d Duration) {
 	}
 }
 
+// atLeast reports field unless d >= lo (a d that is not positive gets positive's message).
+func (v *checker) atLeast(field string, d Duration, lo time.Duration) {
+	if d <= 0 {
+		v.positive(field, d)
+	} else if d.D() < lo {
+		v.bad(field, "%s is below the minimum of %s", short(d.D()), short(lo))
+	}
+}
+
+// within reports field unless lo <= d <= hi.
+func (v *checker) within(field string, d Duration, lo, hi time.Duration) {
+	if d <= 0 {
+		v.positive(field, d)
+	} else if d.D() < lo || d.D() > hi {
+		v.bad(field, "%s is out of range %s..%s", short(d.D()), short(lo), short(hi))
+	}
+}
+
+// short writes d as an operator would: 24h rather than 24h0m0s.
+func short(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = strings.TrimSuffix(s, "0s")
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = strings.TrimSuffix(s, "0m")
+	}
+	return s
+}
+
 // validate checks every section and keeps what it parsed in c.parsed.
 func (c *Config) validate(places map[string]int) Errors {
-	v := &checker{path: c.Path, places: places}
+	v := &checker{path: c.Path, places: places, unprintable: map[string]bool{}}
+	v.printable(reflect.ValueOf(*c), "")
 	v.node(c.Node)
 	v.ceph(c.Ceph)
 	v.lock(c.Lock)
@@ -65,7 +127,7 @@ func (c *Config) validate(places map[string]int) Errors {
 	// The gates' checks straddle cleanup's so that the errors keep the order they always had.
 	v.spaceFactor(c.Gates)
 	c.parsed.snapshotPattern = v.cleanup(c.Cleanup)
-	v.positive("gates.check_interval", c.Gates.CheckInterval)
+	v.atLeast("gates.check_interval", c.Gates.CheckInterval, minGateCheck)
 	c.parsed.poolMatch = v.discovery(c.Discovery)
 	v.metrics(c.Metrics)
 	v.log(c.Log)
@@ -100,7 +162,7 @@ func (v *checker) lock(l Lock) {
 	if l.Slots < 1 || l.Slots > 64 {
 		v.bad("lock.slots", "%d is out of range 1..64", l.Slots)
 	}
-	v.positive("lock.check_interval", l.CheckInterval)
+	v.within("lock.check_interval", l.CheckInterval, minLockCheck, maxLockCheck)
 }
 
 // window parses the window once; it returns the zero Window if anything is wrong.
@@ -108,7 +170,10 @@ func (v *checker) window(w Window) window.Window {
 	// window.New rejects a bad duration before it looks at the schedule; a stand-in duration
 	// gets the schedule checked too, and window.duration is reported on its own.
 	parsed, err := window.New(w.Schedule, max(w.Duration.D(), time.Nanosecond))
-	if err != nil {
+	switch {
+	case errors.Is(err, window.ErrNeverOpens):
+		v.bad("window.schedule", "%q never opens: it has no activation in the next 5 years", w.Schedule)
+	case err != nil:
 		// errors.Unwrap: the cron parser's own words, without window's prefix.
 		v.bad("window.schedule", "%q is not a 5-field cron schedule: %v", w.Schedule, errors.Unwrap(err))
 	}
@@ -120,7 +185,7 @@ func (v *checker) window(w Window) window.Window {
 }
 
 func (v *checker) backoff(b Backoff) {
-	v.positive("backoff.min", b.Min)
+	v.atLeast("backoff.min", b.Min, minBackoff)
 	if b.Max < b.Min {
 		v.bad("backoff.max", "%s is less than backoff.min (%s)", b.Max.D(), b.Min.D())
 	}
@@ -154,6 +219,9 @@ func (v *checker) flatten(f Flatten) {
 		v.bad("flatten.max_per_window", "must not be negative, got %d", f.MaxPerWindow)
 	}
 	v.positive("flatten.retry_after", f.RetryAfter)
+	if f.RetryAfter.D() > maxRetryAfter {
+		v.bad("flatten.retry_after", "%s is above the maximum of %s", short(f.RetryAfter.D()), short(maxRetryAfter))
+	}
 }
 
 func (v *checker) spaceFactor(g Gates) {
@@ -191,7 +259,7 @@ func (v *checker) discovery(d Discovery) []*regexp.Regexp {
 			v.bad("discovery.libvirt.uri", "%v", err)
 		}
 	}
-	v.positive("discovery.interval", d.Interval)
+	v.atLeast("discovery.interval", d.Interval, minDiscoveryInterval)
 	return matches
 }
 
@@ -239,5 +307,42 @@ func (v *checker) log(l Log) {
 	case "console", "json":
 	default:
 		v.bad("log.format", "%q: use console or json", l.Format)
+	}
+}
+
+// printable reports every string of val, a Config or a part of one at field, that holds a
+// control character or is not UTF-8: names reach logs, metrics, librados and terminals as they
+// are, and a newline or an escape sequence in one forges or hides output.
+func (v *checker) printable(val reflect.Value, field string) {
+	switch val.Kind() {
+	case reflect.String:
+		s := val.String()
+		if !utf8.ValidString(s) {
+			v.bad(field, "%q is not valid UTF-8", s)
+			v.unprintable[field] = true
+		} else if i := strings.IndexFunc(s, unicode.IsControl); i >= 0 {
+			v.bad(field, "%q contains a control character (U+%04X): use printable text", s, []rune(s[i:])[0])
+			v.unprintable[field] = true
+		}
+	case reflect.Pointer:
+		if !val.IsNil() {
+			v.printable(val.Elem(), field)
+		}
+	case reflect.Slice:
+		for i := range val.Len() {
+			v.printable(val.Index(i), fmt.Sprintf("%s[%d]", field, i))
+		}
+	case reflect.Struct:
+		t := val.Type()
+		for i := range t.NumField() {
+			name, _, _ := strings.Cut(t.Field(i).Tag.Get("yaml"), ",")
+			if !t.Field(i).IsExported() || name == "" || name == "-" {
+				continue
+			}
+			if field != "" {
+				name = field + "." + name
+			}
+			v.printable(val.Field(i), name)
+		}
 	}
 }

@@ -54,6 +54,20 @@ func TestRetryBackoff(t *testing.T) {
 			t.Errorf("after %d failures: wait %s, want %s", failures, got, want)
 		}
 	}
+	// A long retry_after saturates at a day for any failure count; a shift overflowed int64
+	// (48h << 16 is negative) and the clone was retried at once.
+	for _, after := range []time.Duration{25 * time.Hour, 48 * time.Hour, 1 << 62, time.Duration(1<<63 - 1)} {
+		long := New(Config{RetryAfter: after}, nil, nil, zap.NewNop())
+		for _, failures := range []int{1, 2, 16, 17, 18, 40, 1 << 30} {
+			if got := long.retryAfter(failures); got != 24*time.Hour {
+				t.Errorf("retry_after %s, %d failures: wait %s, want 24h", after, failures, got)
+			}
+		}
+	}
+	tiny := New(Config{RetryAfter: time.Nanosecond}, nil, nil, zap.NewNop())
+	if got := tiny.retryAfter(1 << 30); got != 24*time.Hour {
+		t.Errorf("retry_after 1ns after 2^30 failures: wait %s, want 24h", got)
+	}
 	s.retries[c.String()] = retry{failures: 1, next: time.Now().Add(time.Minute)}
 	if r := s.skipReason(c); !strings.Contains(r, "failed 1 time(s), next try after") {
 		t.Errorf("skip reason %q", r)

@@ -123,7 +123,13 @@ func (s *Scheduler) failed(name string) (retry, time.Duration) {
 }
 
 // retryAfter is the wait after a clone's nth consecutive failure: RetryAfter, doubled per
-// further failure, at most a day.
+// further failure, at most a day. It doubles step by step and stops at the cap: a shift
+// (RetryAfter << n) overflows int64 for a RetryAfter above 39h and n = 16, and a negative wait
+// retried the clone at once.
 func (s *Scheduler) retryAfter(failures int) time.Duration {
-	return min(s.cfg.RetryAfter<<min(failures-1, 16), maxRetryAfter)
+	wait := min(s.cfg.RetryAfter, maxRetryAfter)
+	for n := 1; n < failures && wait > 0 && wait < maxRetryAfter; n++ {
+		wait *= 2 // at most 2 × maxRetryAfter: no overflow
+	}
+	return min(wait, maxRetryAfter)
 }

@@ -1,8 +1,12 @@
 package window
 
 import (
+	"errors"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/robfig/cron/v3"
 )
 
 func mustTime(t *testing.T, s string) time.Time {
@@ -88,5 +92,47 @@ func TestNewWindowErrors(t *testing.T) {
 	}
 	if _, err := New("0 1 * * *", 0); err == nil {
 		t.Error("zero duration accepted")
+	}
+}
+
+// A time zone with nothing after it made robfig/cron panic (slice out of range): an error now.
+func TestNewZoneWithoutFields(t *testing.T) {
+	for _, spec := range []string{"CRON_TZ=Europe/Paris", "TZ=UTC", "CRON_TZ=Europe/Paris ", "TZ=UTC\t0 1 * * *",
+		"CRON_TZ= 0 1 * * *", "CRON_TZ="} {
+		if _, err := New(spec, time.Hour); err == nil {
+			t.Errorf("%q accepted", spec)
+		}
+	}
+	if _, err := New("TZ=UTC 0 1 * * *", time.Hour); err != nil {
+		t.Errorf("TZ= prefix: %v", err)
+	}
+}
+
+// Whatever else makes the parser panic is an error too.
+func TestNewParserPanic(t *testing.T) {
+	defer func(p func(string) (cron.Schedule, error)) { cronParse = p }(cronParse)
+	cronParse = func(string) (cron.Schedule, error) { panic("boom") }
+	if _, err := New("0 1 * * *", time.Hour); err == nil || !strings.Contains(err.Error(), "boom") {
+		t.Errorf("err = %v", err)
+	}
+}
+
+// A schedule that parses but never fires is refused; one that fires once in four years is not.
+func TestNewNeverOpens(t *testing.T) {
+	for _, spec := range []string{"0 0 30 2 *", "0 0 31 4 *", "CRON_TZ=UTC 0 0 31 11 *"} {
+		if _, err := New(spec, time.Hour); !errors.Is(err, ErrNeverOpens) {
+			t.Errorf("%q: err = %v, want ErrNeverOpens", spec, err)
+		}
+	}
+	if _, err := New("0 0 29 2 *", time.Hour); err != nil {
+		t.Errorf("29 February: %v", err)
+	}
+}
+
+// The zero Window (a config built by hand) never opens, and does not panic.
+func TestZeroWindow(t *testing.T) {
+	var w Window
+	if open, _ := w.At(time.Now()); open || !w.NextOpen(time.Now()).IsZero() {
+		t.Error("zero window opens")
 	}
 }

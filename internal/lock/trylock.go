@@ -24,6 +24,7 @@ import (
 // obtains after that is released at once.
 func (m *Mutex) TryLock(ctx context.Context) (*Lease, error) {
 	h := m.handoverState()
+	granted := false
 	if h != nil {
 		// A broken watch means no grant can reach this node, and a lease on this connection
 		// would be lost at its first check: reconnect first.
@@ -31,9 +32,11 @@ func (m *Mutex) TryLock(ctx context.Context) (*Lease, error) {
 			return nil, fmt.Errorf("%w: the watch on %s is broken: %w", ErrLost, h.wakeOID, err)
 		}
 		// The grants that woke this node: this attempt uses one, and passes the others on.
-		for range max(h.takeGrants()-1, 0) {
+		grants := h.takeGrants()
+		for range max(grants-1, 0) {
 			m.passOn(h)
 		}
+		granted = grants > 0
 	}
 	ch := make(chan attempt, 1)
 	var mu sync.Mutex
@@ -41,7 +44,7 @@ func (m *Mutex) TryLock(ctx context.Context) (*Lease, error) {
 	m.inflight.Add(1)
 	go func() {
 		defer m.inflight.Done()
-		r := m.tryAll(h)
+		r := m.tryAll(h, granted)
 		mu.Lock()
 		defer mu.Unlock()
 		if abandoned {
@@ -78,12 +81,13 @@ type attempt struct {
 	deferred bool // not tried: other live waiters are ahead in the queue
 }
 
-// tryAll tries the slots from a random one, unless other waiters come first. It may block in
-// librbd (behind a holder that died during the call).
-func (m *Mutex) tryAll(h *handover) attempt {
+// tryAll tries the slots from a random one, unless other waiters come first (a node a releasing
+// holder granted a slot is first). It may block in librbd (behind a holder that died during the
+// call).
+func (m *Mutex) tryAll(h *handover, granted bool) attempt {
 	// Behind other live waiters only the queue is read: the lock images see the same few
 	// operations per handover however many nodes wait.
-	if h != nil && !h.mayPoll(m.o.Slots) {
+	if h != nil && !granted && !h.mayPoll(m.o.Slots) {
 		return attempt{err: ErrLocked, deferred: true}
 	}
 	first := rand.N(m.o.Slots)

@@ -10,7 +10,6 @@ import (
 	"github.com/ceph/go-ceph/rados"
 	"github.com/ceph/go-ceph/rbd"
 
-	"github.com/flattend/flattend/internal/cephconn"
 	"github.com/flattend/flattend/internal/rbdimage"
 )
 
@@ -88,7 +87,7 @@ func (p *pass) open(s rbdimage.Spec, id string, withChildren bool) (image, error
 		img, err = rbd.OpenImageReadOnly(ioctx, s.Image, rbd.NoSnapshot)
 	}
 	if err != nil {
-		return image{}, openError(s, err)
+		return image{}, rbdimage.OpenError(s, err)
 	}
 	defer img.Close()
 	im := image{Spec: s, id: id}
@@ -96,15 +95,6 @@ func (p *pass) open(s rbdimage.Spec, id string, withChildren bool) (image, error
 		return image{}, err
 	}
 	return im, nil
-}
-
-// openError maps a failed open as rbdimage.Open does: a missing image wraps
-// rbdimage.ErrNotFound; other errors say what to fix when an operator can.
-func openError(s rbdimage.Spec, err error) error {
-	if errors.Is(err, rbd.ErrNotFound) || cephconn.IsNotFound(err) {
-		return fmt.Errorf("%s: %w", s, rbdimage.ErrNotFound)
-	}
-	return fmt.Errorf("opening %s: %w", s, cephconn.WithHint(err))
 }
 
 // read fills in what im learns from the open img: its id (when opened by name), parent and

@@ -117,7 +117,7 @@ func Open(conn *rados.Conn, s Spec, mode Mode) (*Image, error) {
 	}
 	if err != nil {
 		ioctx.Destroy()
-		return nil, openError(s, err)
+		return nil, OpenError(s, err)
 	}
 	return &Image{Image: img, Spec: s, ioctx: ioctx}, nil
 }
@@ -132,7 +132,9 @@ func (i *Image) Close() error {
 	return err
 }
 
-func openError(s Spec, err error) error {
+// OpenError says why opening s failed: a missing image or snapshot wraps ErrNotFound, other
+// errors say what to fix where an operator can. For opens that Open does not cover (by id).
+func OpenError(s Spec, err error) error {
 	if errors.Is(err, rbd.ErrNotFound) || cephconn.IsNotFound(err) {
 		return fmt.Errorf("%s: %w", s, ErrNotFound)
 	}

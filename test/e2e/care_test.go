@@ -88,9 +88,12 @@ func TestSpaceGateRefuses(t *testing.T) {
 // flatten of theirs runs at the same time and nearfull blocks no I/O).
 func TestHealthGateAbortsRunningFlatten(t *testing.T) {
 	conn := cephtest.Connect(t)
-	n := newSlowNode(t, conn, 256) // 4096 objects one at a time: many seconds, even on an idle machine
+	n := newSlowNode(t, conn, 256)
 	conf := nodeConfig(t, n.node, n.lockImage, "flatten: {concurrent_ops: 1}\ngates: {check_interval: 1s}\n")
-	pr := start(t, "once", "--config", conf)
+	// Paced at 8 MiB/s: 32 s of flatten by construction, well past the health change, however
+	// fast the machine.
+	paced := nodeConfig(t, n.node, n.lockImage, "flatten: {concurrent_ops: 1, max_bytes_per_second: 8MiB}\ngates: {check_interval: 1s}\n")
+	pr := start(t, "once", "--config", paced)
 	pr.waitFor(t, time.Minute, "flatten progress", func(e event) bool { return e.Msg == "flatten progress" })
 
 	ratio := func(r float64) {

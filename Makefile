@@ -21,8 +21,10 @@ deps: ## Debian packages for building and for the local test cluster
 build: deps
 	$(MAKE) --no-print-directory bin/flattend
 
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+
 bin/flattend: $(shell find cmd internal -name '*.go') go.mod go.sum
-	$(GO) build $(GOFLAGS_TAGS) -o $@ ./cmd/flattend
+	$(GO) build $(GOFLAGS_TAGS) -ldflags "-X main.version=$(VERSION)" -o $@ ./cmd/flattend
 
 test: build ## the whole suite, unit and integration, against throwaway local Ceph clusters
 	bash test/run.sh $(GO) test $(GOFLAGS_TAGS) -count=1 -timeout 40m ./...

@@ -48,6 +48,7 @@ Usage:
                                           this node's clones in flatten order, and why (changes nothing)
   flattend unlock --force [--slot N] [--yes] [--config PATH]
                                           break a stuck holder's lock (blocklists its client)
+  flattend version                        flattend's version, the librbd it runs with, the workarounds on
 
 Run "flattend COMMAND --help" for a command's options.
 
@@ -103,9 +104,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 	name, args := args[0], args[1:]
-	if name == "-h" || name == "--help" || name == "help" {
+	switch name {
+	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return exitOK
+	case "version", "--version":
+		return printVersion(stdout)
 	}
 	cmd, known := commands[name]
 	if !known {

@@ -13,6 +13,7 @@ import (
 	"github.com/flattend/flattend/internal/cephconn"
 	"github.com/flattend/flattend/internal/config"
 	"github.com/flattend/flattend/internal/discovery"
+	"github.com/flattend/flattend/internal/flattener"
 	"github.com/flattend/flattend/internal/gate"
 	"github.com/flattend/flattend/internal/lock"
 	"github.com/flattend/flattend/internal/metrics"
@@ -48,6 +49,7 @@ func schedulerConfig(cfg *config.Config, x schedulerExtras) scheduler.Config {
 		MaxBytesPerWindow: uint64(cfg.Flatten.MaxBytesPerWindow),
 		MaxBytesPerSecond: uint64(cfg.Flatten.MaxBytesPerSecond),
 		RetryAfter:        cfg.Flatten.RetryAfter.D(),
+		VerifyCopyups:     verifyCopyups(cfg),
 		Reconnect:         x.reconnect,
 		Metrics:           x.metrics,
 		OnProgress:        x.onProgress,
@@ -134,4 +136,10 @@ func newLogger(c config.Log, level zap.AtomicLevel, w io.Writer) (*zap.Logger, e
 		encoder = zapcore.NewConsoleEncoder(enc)
 	}
 	return zap.New(zapcore.NewCore(encoder, zapcore.AddSync(w), level)), nil
+}
+
+// verifyCopyups decides, from the librbd this process runs with, whether clones are verified for
+// lost copy-ups before their flatten.
+func verifyCopyups(cfg *config.Config) bool {
+	return cfg.Flatten.VerifyCopyups == config.VerifyAlways || !flattener.CopyupFixed(flattener.CephVersion())
 }

@@ -124,6 +124,9 @@ type Flatten struct {
 	// RetryAfter is how long a clone whose flatten failed waits before it is tried again; it
 	// doubles with every further failure, up to a day.
 	RetryAfter Duration `yaml:"retry_after"`
+	// VerifyCopyups is when every clone's copy-ups are verified before its flatten: auto (only
+	// with a librbd that lacks the fix of Ceph tracker 68998) or always.
+	VerifyCopyups string `yaml:"verify_copyups"`
 }
 
 // Cleanup removes parent snapshots nobody needs any more (opt-in).
@@ -245,7 +248,7 @@ func Defaults() Config {
 		Window:  Window{Schedule: "0 1 * * *", Duration: Duration(5 * time.Hour)},
 		Backoff: Backoff{Min: Duration(2 * time.Second), Max: Duration(2 * time.Minute)},
 		Flatten: Flatten{ConcurrentOps: 10, MinTimeLeft: Duration(5 * time.Minute), InUse: InUseSkip,
-			Order: []string{"depth", "age", "size"}, RetryAfter: Duration(30 * time.Minute)},
+			Order: []string{"depth", "age", "size"}, RetryAfter: Duration(30 * time.Minute), VerifyCopyups: VerifyAuto},
 		Gates:     Gates{Health: true, Recovery: true, SpaceFactor: 2, CheckInterval: Duration(15 * time.Second)},
 		Discovery: Discovery{Interval: Duration(15 * time.Minute)},
 		Log:       Log{Level: "info", Format: "console"},
@@ -257,6 +260,12 @@ func Defaults() Config {
 const (
 	InUseSkip  = "skip"
 	InUseAllow = "allow"
+)
+
+// flatten.verify_copyups values.
+const (
+	VerifyAuto   = "auto"
+	VerifyAlways = "always"
 )
 
 // OrderKeys are the keys flatten.order accepts.

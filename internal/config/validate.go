@@ -204,6 +204,9 @@ func (v *checker) flatten(f Flatten) {
 	if f.InUse != InUseSkip && f.InUse != InUseAllow {
 		v.bad("flatten.in_use", "%q: use skip or allow", f.InUse)
 	}
+	if f.VerifyCopyups != VerifyAuto && f.VerifyCopyups != VerifyAlways {
+		v.bad("flatten.verify_copyups", "%q: use auto or always", f.VerifyCopyups)
+	}
 	seenKey := map[string]bool{}
 	for i, k := range f.Order {
 		field := fmt.Sprintf("flatten.order[%d]", i)

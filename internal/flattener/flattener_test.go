@@ -193,33 +193,3 @@ func TestUsers(t *testing.T) {
 		t.Errorf("missing image: err = %v, want ErrNotFound", err)
 	}
 }
-
-// The state a flattening client leaves when it dies between marking an object as existing in the
-// object map and writing it: the map says "exists", RADOS has no object. A flatten trusts the map,
-// skips the object and loses its data (Pacific); RepairCopyups copies it up first.
-func TestRepairCopyupsAfterLostCopyup(t *testing.T) {
-	conn := dial(t, 10)
-	ioctx := cephtest.IOContext(t, conn)
-	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 8<<20, 16) // 128 objects of 64 KiB
-	clone := cephtest.Name(t, "clone")
-	cephtest.Clone(t, ioctx, p, clone, "")
-	target := rbdimage.Spec{Pool: cephtest.Pool, Image: clone}
-
-	const obj = 100
-	cephtest.LoseCopyup(t, ioctx, clone, obj)
-
-	repaired, err := flattener.RepairCopyups(conn, target)
-	if err != nil || len(repaired) != 1 || repaired[0] != obj {
-		t.Fatalf("RepairCopyups = %v, %v; want [%d]", repaired, err, obj)
-	}
-	if again, err := flattener.RepairCopyups(conn, target); err != nil || len(again) != 0 {
-		t.Errorf("second RepairCopyups = %v, %v; want nothing left to repair", again, err)
-	}
-	if err := flattener.Flatten(context.Background(), conn, target, nil); err != nil {
-		t.Fatal(err)
-	}
-	cephtest.AssertFlatAndIntact(t, ioctx, p, clone)
-	if repaired, err := flattener.RepairCopyups(conn, target); err != nil || len(repaired) != 0 {
-		t.Errorf("RepairCopyups on a flat image = %v, %v; want nothing", repaired, err)
-	}
-}

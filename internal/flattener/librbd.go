@@ -1,16 +1,26 @@
 package flattener
 
-// The only cgo in flattend: go-ceph v0.34.0 does not wrap rbd_flatten_with_progress, so this file
-// opens the image on go-ceph's rados_ioctx_t (same connection, hence same fencing) and calls it.
+// The only cgo in flattend: go-ceph v0.34.0 wraps neither rbd_flatten_with_progress nor
+// rbd_get_data_pool_id, so this file opens the image on go-ceph's rados_ioctx_t (same connection,
+// hence same fencing) and calls them; it also asks the loaded Ceph libraries their version.
 
 /*
-#cgo LDFLAGS: -lrbd -lrados
+#cgo LDFLAGS: -lrbd -lrados -ldl
+#define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <rbd/librbd.h>
 
 extern int flattendProgress(uint64_t offset, uint64_t total, void *arg);
+
+// libceph-common's `const char *ceph_version_to_str()` (C++, hence the mangled name): the
+// version of the Ceph libraries this process runs with, e.g. "16.2.15". NULL if not found.
+static const char *flattendCephVersion(void) {
+	const char *(*f)(void) = (const char *(*)(void))dlsym(RTLD_DEFAULT, "_Z19ceph_version_to_strv");
+	return f ? f() : NULL;
+}
 */
 import "C"
 
@@ -65,4 +75,29 @@ func flattenWithProgress(ioctx *rados.IOContext, name string, progress progressF
 	return withImage(ioctx, name, progress, func(img C.rbd_image_t, arg unsafe.Pointer) (string, C.int) {
 		return "flatten", C.rbd_flatten_with_progress(img, C.librbd_progress_fn_t(C.flattendProgress), arg)
 	})
+}
+
+// dataPoolID is the pool id of name's data objects (its own pool's, unless created with
+// --data-pool).
+func dataPoolID(ioctx *rados.IOContext, name string) (int64, syscall.Errno) {
+	cname := C.CString(name)
+	defer C.free(unsafe.Pointer(cname))
+	var img C.rbd_image_t
+	if ret := C.rbd_open_read_only(C.rados_ioctx_t(ioctx.Pointer()), cname, &img, nil); ret < 0 {
+		return 0, syscall.Errno(-ret)
+	}
+	defer C.rbd_close(img)
+	id := C.rbd_get_data_pool_id(img)
+	if id < 0 {
+		return 0, syscall.Errno(-id)
+	}
+	return int64(id), 0
+}
+
+// loadedCephVersion is the version string of the Ceph libraries loaded ("" if unknown).
+func loadedCephVersion() string {
+	if v := C.flattendCephVersion(); v != nil {
+		return C.GoString(v)
+	}
+	return ""
 }

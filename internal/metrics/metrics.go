@@ -33,6 +33,8 @@ type Metrics struct {
 	passClones    *prometheus.GaugeVec
 	windowOpen    prometheus.Gauge
 	lockLost      prometheus.Counter
+	verified      prometheus.Counter
+	copiedUp      prometheus.Counter
 }
 
 // New makes the series, registered on a new registry with the Go and process collectors.
@@ -74,8 +76,13 @@ func New(node string) *Metrics {
 		Help: "1 while the flatten window is open."})
 	m.lockLost = prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_lock_lost_total", ConstLabels: constLabels,
 		Help: "Times this node lost a held lock (fenced, cut off) and reconnected."})
+	m.verified = prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_copyup_objects_verified_total", ConstLabels: constLabels,
+		Help: "Objects looked up in RADOS before a flatten because the object map says they exist (librbd without the fix of Ceph tracker 68998)."})
+	m.copiedUp = prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_lost_copyups_repaired_total", ConstLabels: constLabels,
+		Help: "Objects an interrupted flatten had lost, copied up from the parent before the flatten."})
 	for _, c := range []prometheus.Collector{m.started, m.ended, m.copied, m.duration, m.lockWait, m.lockHeld, m.progress,
-		m.gateClosed, m.discoveryTime, m.discovered, m.discoveryErrs, m.passClones, m.windowOpen, m.lockLost} {
+		m.gateClosed, m.discoveryTime, m.discovered, m.discoveryErrs, m.passClones, m.windowOpen, m.lockLost,
+		m.verified, m.copiedUp} {
 		f(c)
 	}
 	for _, g := range []string{"health", "recovery", "space"} {
@@ -201,5 +208,13 @@ func (m *Metrics) WindowOpen(open bool) {
 			v = 1
 		}
 		m.windowOpen.Set(v)
+	}
+}
+
+// CopyupsVerified counts a verification before a flatten: objects looked up, objects copied up.
+func (m *Metrics) CopyupsVerified(checked, copiedUp int) {
+	if m != nil {
+		m.verified.Add(float64(checked))
+		m.copiedUp.Add(float64(copiedUp))
 	}
 }

@@ -185,6 +185,8 @@ func (i *Image) Inspect() (Info, error) {
 // watchers (a running VM's qemu is both). Empty means nobody else uses it. If a client holds the
 // lock, librbd would hand our flatten over to it (and our throttle, fencing and cancel would not
 // apply); if it only watches, our flatten would take the lock and stall the client's writes.
+// A lock owner without a watch is a dead client (a flattener killed mid-flatten, whose watch
+// timed out): not a user; librbd breaks its lock, blocklisting it, when the flatten takes it.
 func Users(conn *rados.Conn, s Spec) ([]string, error) {
 	// Read-only opens register no watch, so the list holds only the others.
 	img, err := Open(conn, s, ReadOnly)
@@ -192,6 +194,14 @@ func Users(conn *rados.Conn, s Spec) ([]string, error) {
 		return nil, err
 	}
 	defer img.Close()
+	watchers, err := img.ListWatchers()
+	if err != nil {
+		return nil, fmt.Errorf("watchers of %s: %w", s, err)
+	}
+	watching := map[string]bool{}
+	for _, w := range watchers {
+		watching[w.Addr] = true
+	}
 	var users []string
 	// The lockers list shows the managed exclusive lock too (rbd_lock_get_owners refuses
 	// read-only images).
@@ -200,14 +210,15 @@ func Users(conn *rados.Conn, s Spec) ([]string, error) {
 		return nil, fmt.Errorf("lockers of %s: %w", s, err)
 	}
 	for _, l := range lockers {
-		users = append(users, "lock owner "+l.Client+" at "+l.Addr)
-	}
-	watchers, err := img.ListWatchers()
-	if err != nil {
-		return nil, fmt.Errorf("watchers of %s: %w", s, err)
+		if watching[l.Addr] {
+			users = append(users, "lock owner "+l.Client+" at "+l.Addr)
+			delete(watching, l.Addr)
+		}
 	}
 	for _, w := range watchers {
-		users = append(users, "watcher "+w.Addr)
+		if watching[w.Addr] {
+			users = append(users, "watcher "+w.Addr)
+		}
 	}
 	return users, nil
 }

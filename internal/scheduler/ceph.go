@@ -62,8 +62,16 @@ func (f cephFlattener) Inspect(s rbdimage.Spec) (rbdimage.Info, error) {
 	return rbdimage.Inspect(f.conn, s)
 }
 func (f cephFlattener) Users(s rbdimage.Spec) ([]string, error) { return rbdimage.Users(f.conn, s) }
-func (f cephFlattener) Repair(s rbdimage.Spec) ([]uint64, error) {
-	return flattener.RepairCopyups(f.conn, s)
+func (f cephFlattener) VerifyCopyups(ctx context.Context, s rbdimage.Spec) (flattener.Verified, error) {
+	return flattener.VerifyCopyups(ctx, f.conn, s)
+}
+
+func (f cephFlattener) MarkFlattening(s rbdimage.Spec, note string) (string, error) {
+	return flattener.MarkFlattening(f.conn, s, note)
+}
+
+func (f cephFlattener) ClearFlattening(s rbdimage.Spec) error {
+	return flattener.ClearFlattening(f.conn, s)
 }
 
 func (f cephFlattener) MarkInterrupted(s rbdimage.Spec, note string) error {

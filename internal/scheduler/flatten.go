@@ -4,7 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
+	"os"
 	"sync/atomic"
 	"time"
 
@@ -33,6 +33,9 @@ func (s *Scheduler) flattenUnder(ctx context.Context, sess *session, lease Lease
 	if err := lease.Working(spec.String()); err != nil {
 		return err
 	}
+	if err := s.markAndVerify(fctx, sess, spec, log); err != nil {
+		return err
+	}
 	log.Info("flatten started", zap.Stringer("parent", info.Parent), zap.Uint64("bytes", info.Overlap), zap.String("lock", lease.Image()))
 	start := time.Now()
 	s.cfg.Metrics.FlattenStarted()
@@ -47,6 +50,11 @@ func (s *Scheduler) flattenUnder(ctx context.Context, sess *session, lease Lease
 	}
 	log.Info("flatten finished", zap.String("result", result), zap.Uint64("bytes", info.Overlap),
 		zap.Duration("duration", time.Since(start)), zap.Error(err))
+	if err == nil {
+		if cerr := sess.ClearFlattening(spec); cerr != nil {
+			log.Warn("clearing the flattening mark failed: its parent snapshot is kept", zap.Error(cerr))
+		}
+	}
 	return err
 }
 
@@ -75,59 +83,60 @@ func (s *Scheduler) onProgress(lease Lease, spec rbdimage.Spec, info rbdimage.In
 	}
 }
 
-// repairInterrupted repairs a clone whose flatten stopped uncleanly: one this process lost, or
-// the one a previous holder of this slot was flattening when it was killed, cut off or fenced
-// (its record is still on the lock image). The copy-up that was in flight may have left the
-// clone's object map saying "exists" for an object that was never written, which a resumed
-// flatten would skip and lose (see flattener.RepairCopyups). It runs under the lock, like a
-// flatten. An error means c itself could not be repaired and must not be flattened now.
-func (s *Scheduler) repairInterrupted(sess *session, lease Lease, c discovery.Clone) error {
-	name := c.Spec.String()
-	var specs []string
-	if r := lease.Interrupted(); r != nil && r.Clone != "" {
-		s.log.Warn("previous holder stopped without releasing", zap.String("lock", lease.Image()),
-			zap.String("holder", r.Node), zap.Int("pid", r.PID), zap.String("clone", r.Clone))
-		specs = append(specs, r.Clone)
+// markAndVerify marks spec as being flattened, then, where librbd needs it, verifies its
+// copy-ups. A clone that cannot be marked or verified is not flattened now.
+func (s *Scheduler) markAndVerify(ctx context.Context, sess *session, spec rbdimage.Spec, log *zap.Logger) error {
+	note := fmt.Sprintf("%s pid %d since %s", s.cfg.Node, os.Getpid(), time.Now().UTC().Format(time.RFC3339))
+	prev, err := sess.MarkFlattening(spec, note)
+	if err != nil {
+		return err
 	}
-	if (s.unclean[name] || s.checkFirst[name]) && !slices.Contains(specs, name) {
-		specs = append(specs, name)
+	if prev != "" {
+		log.Warn("resuming an interrupted flatten", zap.String("mark", prev))
 	}
-	var cErr error
-	for _, spec := range specs {
-		repaired, err := s.repairOne(sess, spec)
-		switch {
-		case err == nil, errors.Is(err, rbdimage.ErrNotFound):
-			s.log.Info("interrupted flatten repaired: lost copy-ups redone before the resume", zap.String("image", spec),
-				zap.Uint64s("objects_copied_up", repaired))
-			delete(s.unclean, spec)
-			delete(s.checkFirst, spec)
-		default:
-			s.log.Error("repairing an interrupted flatten failed", zap.String("image", spec), zap.Error(err))
-			if spec == name {
-				cErr = fmt.Errorf("not resuming an interrupted flatten before it is repaired: %w", err)
-			}
-		}
+	if !s.cfg.VerifyCopyups {
+		return nil
 	}
-	return cErr
+	start := time.Now()
+	s.setState("verifying the copy-ups of %s", spec)
+	v, err := sess.VerifyCopyups(ctx, spec)
+	s.cfg.Metrics.CopyupsVerified(v.Checked, len(v.CopiedUp))
+	if err != nil {
+		return fmt.Errorf("not flattened before its copy-ups are verified: %w", err)
+	}
+	fields := []zap.Field{zap.Int("objects_checked", v.Checked), zap.Uint64s("objects_missing", v.Missing),
+		zap.Uint64s("objects_copied_up", v.CopiedUp), zap.Duration("took", time.Since(start))}
+	if len(v.Missing) > 0 {
+		log.Warn("lost copy-ups found and redone before the flatten", fields...)
+	} else {
+		log.Info("copy-ups verified", fields...)
+	}
+	return nil
 }
 
-// repairOne repairs one clone and marks it interrupted, which keeps cleanup from removing its
-// parent snapshot whichever node flattens it later.
-func (s *Scheduler) repairOne(sess *session, name string) ([]uint64, error) {
-	spec, err := rbdimage.Parse(name)
-	if err != nil {
-		return nil, err
+// markForOwner marks the clone a previous holder of this slot was flattening when it lost the
+// slot, unless that flatten marked it itself. It is not repaired here: it may belong to another
+// node, may be in use, and its owner verifies it before its flatten resumes anyway.
+func (s *Scheduler) markForOwner(sess *session, lease Lease, c discovery.Clone) {
+	r := lease.Interrupted()
+	if r == nil || r.Clone == "" {
+		return
 	}
-	repaired, err := sess.Repair(spec)
-	if err == nil && (!s.checkFirst[name] || len(repaired) > 0 || s.unclean[name]) {
-		err = sess.MarkInterrupted(spec, fmt.Sprintf("%s repaired by %s", time.Now().UTC().Format(time.RFC3339), s.cfg.Node))
+	s.log.Warn("previous holder stopped without releasing", zap.String("lock", lease.Image()),
+		zap.String("holder", r.Node), zap.Int("pid", r.PID), zap.String("clone", r.Clone))
+	spec, err := rbdimage.Parse(r.Clone)
+	if err == nil && spec != c.Spec {
+		note := fmt.Sprintf("%s pid %d lost its slot (seen by %s at %s)", r.Node, r.PID, s.cfg.Node, time.Now().UTC().Format(time.RFC3339))
+		err = sess.MarkInterrupted(spec, note)
 	}
-	return repaired, err
+	if err != nil && !errors.Is(err, rbdimage.ErrNotFound) {
+		s.log.Warn("marking the interrupted clone failed", zap.String("clone", r.Clone), zap.Error(err))
+	}
 }
 
 // cleanupParent removes c's parent snapshot when the configuration asks for it and no clone
-// needs it any more. It never removes the parent of a clone whose flatten was interrupted: that
-// clone must be checked first (docs/operations.md, "Known issues"). Failures are only logged.
+// needs it any more. It never removes it while c still carries the flattening mark (clearing it
+// failed after the flatten, or the flatten was not flattend's). Failures are only logged.
 func (s *Scheduler) cleanupParent(sess *session, c discovery.Clone) {
 	snap := c.Parent
 	if s.cfg.CleanupSnapshots == nil || snap.Snap == "" || !s.cfg.CleanupSnapshots.MatchString(snap.Snap) {
@@ -135,8 +144,8 @@ func (s *Scheduler) cleanupParent(sess *session, c discovery.Clone) {
 	}
 	log := s.log.With(zap.String("image", c.Spec.String()), zap.Stringer("snapshot", snap))
 	if note, err := sess.Interrupted(c.Spec); err != nil || note != "" {
-		log.Warn("parent snapshot kept: this clone's flatten was interrupted; check the clone, then remove the snapshot by hand",
-			zap.String(flattener.InterruptedKey, note), zap.Error(err))
+		log.Warn("parent snapshot kept: the clone still carries the flattening mark; check the clone, then remove the snapshot by hand",
+			zap.String(flattener.FlatteningKey, note), zap.Error(err))
 		return
 	}
 	removed, why, err := sess.RemoveSnapshotIfUnused(snap)

@@ -9,14 +9,15 @@ import (
 
 	"github.com/flattend/flattend/internal/backoff"
 	"github.com/flattend/flattend/internal/discovery"
+	"github.com/flattend/flattend/internal/flattener"
 	"github.com/flattend/flattend/internal/gate"
 	"github.com/flattend/flattend/internal/lock"
 	"github.com/flattend/flattend/internal/rbdimage"
 )
 
 // The job for one clone: ask what can be asked before the lock (gates, the clone's state and
-// users), take a slot, ask again only what went stale while waiting, repair what an interrupted
-// flatten may have lost, flatten under the lease, release, clean up. The job talks to the
+// users), take a slot, ask again only what went stale while waiting, mark the clone, verify what
+// an interrupted flatten may have lost, flatten under the lease, unmark, release, clean up. The job talks to the
 // cluster through two small interfaces, so that its rules are tested with fakes.
 
 // Locker is the cluster-wide lock, on one session (lock.Session).
@@ -53,8 +54,13 @@ type Flattener interface {
 	WatchGates(ctx context.Context, g gate.Config, pool string, every time.Duration, need func() uint64) (context.Context, context.CancelFunc)
 	Inspect(s rbdimage.Spec) (rbdimage.Info, error)
 	Users(s rbdimage.Spec) ([]string, error)
-	// Repair copies up the objects an interrupted flatten may have lost (their numbers).
-	Repair(s rbdimage.Spec) ([]uint64, error)
+	// VerifyCopyups copies up the objects an interrupted flatten may have lost.
+	VerifyCopyups(ctx context.Context, s rbdimage.Spec) (flattener.Verified, error)
+	// MarkFlattening marks s as being flattened, and returns the mark an interrupted flatten
+	// left ("" if none); ClearFlattening removes it after a clean end.
+	MarkFlattening(s rbdimage.Spec, note string) (string, error)
+	ClearFlattening(s rbdimage.Spec) error
+	// MarkInterrupted marks s, which another holder was flattening, unless it is marked.
 	MarkInterrupted(s rbdimage.Spec, note string) error
 	Interrupted(s rbdimage.Spec) (string, error)
 	Flatten(ctx context.Context, s rbdimage.Spec, bytesPerSecond uint64, progress func(done, total uint64)) error
@@ -129,8 +135,8 @@ func (s *Scheduler) job(ctx context.Context, sess *session, c discovery.Clone) e
 		}
 		return nil
 	case ctx.Err() == nil && isLost:
-		// Losing the lock is not the clone's fault: resume where the copy stopped.
-		s.unclean[c.Spec.String()] = true
+		// Losing the lock is not the clone's fault: resume where the copy stopped (verified
+		// first, like every flatten).
 		return errResume
 	}
 	return ferr
@@ -180,9 +186,7 @@ func (s *Scheduler) underLease(ctx context.Context, sess *session, lease Lease, 
 	if s.tooLate() {
 		return errTooLate // the wait for the lock took the window's rest
 	}
-	if err := s.repairInterrupted(sess, lease, c); err != nil {
-		return err
-	}
+	s.markForOwner(sess, lease, c)
 	if time.Since(pre.at) > s.cfg.GateInterval {
 		// The wait outlasted the answers (or the clone looked in use): ask again, under the lock.
 		var err error

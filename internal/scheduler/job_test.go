@@ -33,6 +33,7 @@ type cluster struct {
 	flatten func(ctx context.Context, sess int, s rbdimage.Spec) error
 	held    int // slots held now
 	maxHeld int
+	marks   map[string]string // flattening marks on clones
 }
 
 func (c *cluster) log(format string, args ...any) {
@@ -94,12 +95,26 @@ func (f *fakeSession) Inspect(s rbdimage.Spec) (rbdimage.Info, error) {
 	return rbdimage.Info{Size: 4 << 20, Overlap: 4 << 20, Parent: &rbdimage.Spec{Pool: "p", Image: "golden", Snap: "s"}}, nil
 }
 func (f *fakeSession) Users(rbdimage.Spec) ([]string, error) { return f.c.users, nil }
-func (f *fakeSession) Repair(s rbdimage.Spec) ([]uint64, error) {
-	f.c.log("repair %s on %d", s, f.n)
-	return nil, nil
+func (f *fakeSession) VerifyCopyups(_ context.Context, s rbdimage.Spec) (flattener.Verified, error) {
+	f.c.log("verify %s on %d", s, f.n)
+	return flattener.Verified{}, nil
+}
+func (f *fakeSession) MarkFlattening(s rbdimage.Spec, _ string) (string, error) {
+	f.c.log("mark %s", s)
+	if f.c.marks == nil {
+		f.c.marks = map[string]string{}
+	}
+	prev := f.c.marks[s.String()]
+	f.c.marks[s.String()] = "marked"
+	return prev, nil
+}
+func (f *fakeSession) ClearFlattening(s rbdimage.Spec) error {
+	f.c.log("unmark %s", s)
+	delete(f.c.marks, s.String())
+	return nil
 }
 func (f *fakeSession) MarkInterrupted(s rbdimage.Spec, _ string) error {
-	f.c.log("mark %s", s)
+	f.c.log("mark interrupted %s", s)
 	return nil
 }
 func (f *fakeSession) Interrupted(rbdimage.Spec) (string, error) { return "", nil }
@@ -203,9 +218,10 @@ func TestJobWindowEndCancelsAndReleases(t *testing.T) {
 	}
 }
 
-// A lock lost mid-flatten cancels it; the session is closed, a new one made, and the clone is
-// repaired there before the flatten resumes, under a new lock.
-func TestJobLockLossReconnectsAndResumesWithRepair(t *testing.T) {
+// A lock lost mid-flatten cancels it; the session is closed, a new one made, and the flatten
+// resumes there under a new lock. Every flatten is marked and verified first; the mark stays
+// until a flatten ends cleanly.
+func TestJobLockLossReconnectsAndResumesVerified(t *testing.T) {
 	c := &cluster{}
 	var first *fakeSession
 	c.flatten = func(ctx context.Context, sess int, s rbdimage.Spec) error {
@@ -216,7 +232,7 @@ func TestJobLockLossReconnectsAndResumesWithRepair(t *testing.T) {
 		}
 		return nil
 	}
-	s := newTestScheduler(c, Config{})
+	s := newTestScheduler(c, Config{VerifyCopyups: true})
 	sess, err := s.session()
 	if err != nil {
 		t.Fatal(err)
@@ -226,8 +242,8 @@ func TestJobLockLossReconnectsAndResumesWithRepair(t *testing.T) {
 	if sum.Flattened != 1 || !sum.Done() {
 		t.Fatalf("summary %+v, want a flattened after the loss", sum)
 	}
-	want := []string{"connect 1", "lock 1", "flatten p/a on 1", "unlock 1", "close 1",
-		"connect 2", "lock 2", "repair p/a on 2", "mark p/a", "flatten p/a on 2", "unlock 2"}
+	want := []string{"connect 1", "lock 1", "mark p/a", "verify p/a on 1", "flatten p/a on 1", "unlock 1", "close 1",
+		"connect 2", "lock 2", "mark p/a", "verify p/a on 2", "flatten p/a on 2", "unmark p/a", "unlock 2"}
 	if got := c.Events(); !slices.Equal(got, want) {
 		t.Fatalf("events\n got %q\nwant %q", got, want)
 	}

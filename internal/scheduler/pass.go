@@ -58,12 +58,8 @@ func (s *Scheduler) Pass(ctx context.Context) (Summary, error) {
 }
 
 // FlattenNamed flattens the clones an operator named (in this order) like a pass does, for
-// `once --image`. Each is
-// first checked for copy-ups lost by an earlier flatten that was killed (see RepairCopyups).
+// `once --image`.
 func (s *Scheduler) FlattenNamed(ctx context.Context, clones []discovery.Clone) Summary {
-	for _, c := range clones {
-		s.checkFirst[c.Spec.String()] = true
-	}
 	return s.work(ctx, clones)
 }
 

@@ -1,7 +1,7 @@
 // Package scheduler is the only package that knows the order of things. When the window is open
 // (run.go) a pass (pass.go) asks discovery for this node's clones, orders them and applies the
-// policy (policy.go); each clone is then one job (job.go): gates → lock → repair → flatten under
-// the lease → unlock → cleanup, over two small interfaces (Locker, Flattener) so that its rules
+// policy (policy.go); each clone is then one job (job.go): gates → lock → mark and verify → flatten
+// under the lease → unlock → cleanup, over two small interfaces (Locker, Flattener) so that its rules
 // have fast tests with fakes. outcome.go turns each job's error into one outcome that feeds the
 // logs, the pass Summary and the metrics.
 package scheduler
@@ -49,6 +49,10 @@ type Config struct {
 	MaxBytesPerSecond uint64
 	// RetryAfter is how long a failed clone waits before its next try, doubled per failure.
 	RetryAfter time.Duration
+	// VerifyCopyups looks up every object a clone's object map says exists before its flatten,
+	// and copies up the missing ones (flattener.VerifyCopyups): for a librbd without the fix of
+	// Ceph tracker 68998.
+	VerifyCopyups bool
 
 	// CleanupSnapshots, if set, selects the parent snapshots to remove once their last clone is
 	// flat (nil: never remove any).
@@ -73,16 +77,9 @@ type Scheduler struct {
 	sources []discovery.Source
 	log     *zap.Logger
 
-	sess *session // nil until the first connect and after a loss
-	// unclean lists clones whose flatten this process lost mid-way: they are checked for lost
-	// copy-ups before they are resumed.
-	unclean map[string]bool
-	// checkFirst lists clones to check for lost copy-ups before their flatten although nothing
-	// says they were interrupted (`once --image`: an operator resuming a flatten that may have
-	// been killed outside flattend, e.g. an `rbd flatten`).
-	checkFirst map[string]bool
-	retries    map[string]retry
-	budget     budget
+	sess    *session // nil until the first connect and after a loss
+	retries map[string]retry
+	budget  budget
 	// windowEnd is the open window's end in Unix nanoseconds (0 for `once`: no window); a reload
 	// may move it while a pass runs.
 	windowEnd atomic.Int64
@@ -101,7 +98,7 @@ func New(cfg Config, connect Connector, sources []discovery.Source, log *zap.Log
 		cfg.Connect = connect
 	}
 	return &Scheduler{cfg: cfg, sources: sources, log: log.With(zap.String("node", cfg.Node)),
-		unclean: map[string]bool{}, checkFirst: map[string]bool{}, retries: map[string]retry{}, reloaded: make(chan struct{}, 1)}
+		retries: map[string]retry{}, reloaded: make(chan struct{}, 1)}
 }
 
 // Connect makes the first session now, so that a daemon with a Ceph problem fails at start

@@ -213,6 +213,13 @@ func SnapProtect(t testing.TB, ioctx *rados.IOContext, name, snap string) Parent
 // RADOS behind librbd's back. The map says "exists"; there is no object.
 func LoseCopyup(t testing.TB, ioctx *rados.IOContext, clone string, obj uint64) {
 	t.Helper()
+	LoseCopyupIn(t, ioctx, ioctx, clone, obj)
+}
+
+// LoseCopyupIn is LoseCopyup for a clone whose data objects live in the data pool that data
+// opens (rbd create --data-pool); it follows the clone's striping.
+func LoseCopyupIn(t testing.TB, ioctx, data *rados.IOContext, clone string, obj uint64) {
+	t.Helper()
 	img, err := rbd.OpenImage(ioctx, clone, rbd.NoSnapshot)
 	if err != nil {
 		t.Fatal(err)
@@ -222,15 +229,23 @@ func LoseCopyup(t testing.TB, ioctx *rados.IOContext, clone string, obj uint64) 
 	if err != nil {
 		t.Fatal(err)
 	}
+	unit, err1 := img.GetStripeUnit()
+	count, err2 := img.GetStripeCount()
+	if err := errors.Join(err1, err2); err != nil {
+		t.Fatal(err)
+	}
+	// The first stripe unit of object obj (RADOS striping: units round-robin over count objects).
+	perObject := info.Obj_size / unit
+	set, pos := obj/count, obj%count
 	b := make([]byte, 1)
-	off := int64(obj * info.Obj_size)
+	off := int64((set*perObject*count + pos) * unit)
 	if _, err := img.ReadAt(b, off); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := img.WriteAt(b, off); err != nil {
 		t.Fatal(err)
 	}
-	if err := ioctx.Delete(fmt.Sprintf("%s.%016x", info.Block_name_prefix, obj)); err != nil {
+	if err := data.Delete(fmt.Sprintf("%s.%016x", info.Block_name_prefix, obj)); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -10,6 +10,8 @@
 //	           log (bench/radosgap.go): lock.json, timeline.svg, timeline-fixed-tick*.svg
 //	fleet      50 (and 10) simulated nodes on their own RADOS connections contending for the lock:
 //	           gap, fairness, lock attempts and OSD ops per handover (bench/fleet.go): fleet.json
+//	verify     the lost-copy-up verification before a flatten: objects looked up per second, and its
+//	           time beside a fresh flatten of a twin clone (bench/verify.go): verify.json
 //	throttle   flatten.concurrent_ops vs a client's write latency, and librbd QoS vs flatten
 //	           (bench/throttle.go): throttle.json
 package main
@@ -58,7 +60,7 @@ type report struct {
 	FlattenRatioMedian  float64 `json:"flatten_ratio_median"`
 }
 
-var allBenches = []string{"discovery", "flatten", "resume", "lock", "fleet", "throttle"}
+var allBenches = []string{"discovery", "flatten", "resume", "verify", "lock", "fleet", "throttle"}
 
 func main() {
 	benches := flag.String("benches", strings.Join(allBenches, ","), "comma-separated benches to run: "+strings.Join(allBenches, ", "))
@@ -87,6 +89,8 @@ func main() {
 	thrBase := flag.Duration("throttle-baseline", 5*time.Second, "throttle bench: how long the client runs alone for its baseline")
 	resMiB := flag.Int("resume-mib", 512, "resume bench: clone size in MiB")
 	resRounds := flag.Int("resume-rounds", 4, "resume bench: rounds (fresh and halved twins, alternating order)")
+	verMiB := flag.Int("verify-mib", 256, "verify bench: clone size in MiB (64 KiB objects)")
+	verRounds := flag.Int("verify-rounds", 3, "verify bench: rounds")
 	thrQoS := flag.Int("throttle-qos-mib", 32, "throttle bench: QoS limit to try on a flatten, MiB/s (0: skip)")
 	flag.Parse()
 	run := map[string]bool{}
@@ -128,6 +132,10 @@ func main() {
 	step("resume", func() {
 		waitForRoom(float64(*resMiB)/1024*3 + 1)
 		benchResume(conf, *out, *resMiB, *resRounds)
+	})
+	step("verify", func() {
+		waitForRoom(float64(*verMiB)/1024*4 + 1)
+		benchVerify(conf, *out, *verMiB, *verRounds)
 	})
 	step("lock", func() {
 		waitForRoom(3)

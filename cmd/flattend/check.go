@@ -23,6 +23,9 @@ func runCheck(_ context.Context, e *env, _ options) int {
 
 func check(cfg *config.Config, dial func() (*rados.Conn, error), stdout, stderr io.Writer) int {
 	fmt.Fprintf(stdout, "config %s: ok (node %s)\n", cfg.Path, cfg.Node)
+	for _, w := range cfg.Warnings() {
+		fmt.Fprintf(stderr, "warning: %v\n", w)
+	}
 	conn, err := dial()
 	if err != nil {
 		fmt.Fprintln(stderr, err)

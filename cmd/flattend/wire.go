@@ -65,6 +65,7 @@ func schedulerConfig(cfg *config.Config, x schedulerExtras) scheduler.Config {
 // fix show before any window logic. On failure it returns nil and the exit code; otherwise the
 // caller closes it with closeScheduler.
 func startScheduler(e *env, x schedulerExtras) (*scheduler.Scheduler, int) {
+	warnConfig(e.log, e.cfg)
 	sched := scheduler.New(schedulerConfig(e.cfg, x), scheduler.CephConnector(e.dial, e.log), sources(e.cfg, e.log), e.log)
 	if err := sched.Connect(); err != nil {
 		e.log.Error("cannot start", zap.Error(err))
@@ -76,7 +77,15 @@ func startScheduler(e *env, x schedulerExtras) (*scheduler.Scheduler, int) {
 
 // reloadScheduler hands a reloaded config to a running scheduler.
 func reloadScheduler(sched *scheduler.Scheduler, cfg *config.Config, x schedulerExtras, log *zap.Logger) {
+	warnConfig(log, cfg)
 	sched.Reload(schedulerConfig(cfg, x), sources(cfg, log))
+}
+
+// warnConfig logs the config's warnings: flattend runs as configured, but an operator should look.
+func warnConfig(log *zap.Logger, cfg *config.Config) {
+	for _, w := range cfg.Warnings() {
+		log.Warn("configuration warning", zap.String("warning", w.Error()))
+	}
 }
 
 func closeScheduler(sched *scheduler.Scheduler) {

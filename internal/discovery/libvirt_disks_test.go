@@ -6,6 +6,9 @@ import (
 	"strings"
 	"testing"
 
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
 	"github.com/flattend/flattend/internal/discovery"
 	"github.com/flattend/flattend/test/cephtest"
 	"github.com/flattend/flattend/test/libvirttest"
@@ -67,7 +70,8 @@ func TestLibvirtMalformedDiskSkipped(t *testing.T) {
 	d2 := cephtest.MakeParent(t, ioctx, pre+"-disk2", 4<<20, 22)
 	cephtest.Clone(t, ioctx, d2, pre+"-c2", "")
 
-	bad := []string{P + "/x/y/z", P + "//" + pre + "-disk1", P + "/", P + "/a\tb"}
+	// ("pool/" is left to the unit test: libvirt stores it as "pool/(null)", a well-formed name.)
+	bad := []string{P + "/x/y/z", P + "//" + pre + "-disk1", P + "/a\tb", P + "/c@"}
 	var disks []string
 	for i, name := range bad {
 		disks = append(disks, libvirttest.RBDDisk("vd"+string(rune('b'+i)), name, "disk", ""))
@@ -75,7 +79,8 @@ func TestLibvirtMalformedDiskSkipped(t *testing.T) {
 	lv.DefineDisks(t, pre+"-vm1", append([]string{libvirttest.RBDDisk("vda", P+"/"+pre+"-disk1", "disk", "")}, disks...)...)
 	lv.Define(t, pre+"-vm2", P+"/"+pre+"-disk2")
 
-	src := discovery.Libvirt{URI: lv.URI, Node: "me"}
+	core, logs := observer.New(zap.DebugLevel)
+	src := discovery.Libvirt{URI: lv.URI, Node: "me", Log: zap.New(core)}
 	f, err := discovery.Find(context.Background(), conn, []discovery.Source{src})
 	if err != nil {
 		t.Fatal(err)
@@ -85,7 +90,7 @@ func TestLibvirtMalformedDiskSkipped(t *testing.T) {
 	}
 	var malformed []string
 	for _, s := range f.Skipped {
-		if strings.Contains(s.Reason, "malformed") {
+		if strings.Contains(s.Reason, " skipped: malformed: ") {
 			malformed = append(malformed, s.Image)
 			if strings.ContainsRune(s.Image+s.Reason, '\t') {
 				t.Errorf("skipped %q: %q, want control characters escaped", s.Image, s.Reason)
@@ -94,5 +99,8 @@ func TestLibvirtMalformedDiskSkipped(t *testing.T) {
 	}
 	if len(malformed) != len(bad) {
 		t.Errorf("skipped as malformed: %q, want the %d bad disks", malformed, len(bad))
+	}
+	if n := logs.FilterLevelExact(zap.WarnLevel).FilterMessageSnippet("malformed").Len(); n != len(bad) {
+		t.Errorf("%d warnings logged, want one per bad disk (%d): %v", n, len(bad), logs.All())
 	}
 }

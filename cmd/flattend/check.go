@@ -23,6 +23,9 @@ func runCheck(_ context.Context, e *env, _ options) int {
 
 func check(cfg *config.Config, dial func() (*rados.Conn, error), stdout, stderr io.Writer) int {
 	fmt.Fprintf(stdout, "config %s: ok (node %s)\n", cfg.Path, cfg.Node)
+	for _, w := range cfg.Warnings() {
+		fmt.Fprintf(stderr, "warning: %v\n", w)
+	}
 	conn, err := dial()
 	if err != nil {
 		fmt.Fprintln(stderr, err)
@@ -110,11 +113,18 @@ func checkLibvirt(cfg *config.Config, stdout, stderr io.Writer) bool {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	doms, disks, err := discovery.Libvirt{URI: l.URI}.Check(ctx)
+	hd, err := discovery.Libvirt{URI: l.URI}.Disks(ctx)
 	if err != nil {
 		fmt.Fprintf(stderr, "discovery: %v\n", err)
 		return false
 	}
-	fmt.Fprintf(stdout, "discovery: libvirt %s ok (%d domains, %d rbd disks; include_vm_disks %t)\n", l.URI, doms, disks, l.IncludeVMDisks)
+	fmt.Fprintf(stdout, "discovery: libvirt %s ok (%d domains, %d rbd disks; include_vm_disks %t)\n", l.URI, hd.Domains, len(hd.Disks), l.IncludeVMDisks)
+	for _, ig := range hd.Ignored {
+		if ig.Malformed {
+			fmt.Fprintf(stderr, "warning: discovery: libvirt %s\n", ig)
+		} else {
+			fmt.Fprintf(stdout, "discovery: libvirt %s; not followed\n", ig)
+		}
+	}
 	return true
 }

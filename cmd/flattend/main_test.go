@@ -115,3 +115,23 @@ func TestCommandsMatchUsage(t *testing.T) {
 		}
 	}
 }
+
+// A cleanup pattern that matches Cinder's snapshot names is a warning, not an error: `check`
+// prints it, and starting (`once` here, `run` alike) logs it before dialing Ceph.
+func TestSnapshotPatternWarning(t *testing.T) {
+	p := writeConfig(t, "cleanup: {parent_snapshots: true, snapshot_pattern: \"^snapshot-\"}\n")
+	for _, cmd := range []string{"check", "once"} {
+		var stdout, stderr bytes.Buffer
+		code := run([]string{cmd, "--config", p}, &stdout, &stderr)
+		for _, want := range []string{p + ":4: cleanup.snapshot_pattern: ", "matches Cinder's volume snapshots (snapshot-<uuid>)"} {
+			if code == exitUsage || !strings.Contains(stderr.String(), want) {
+				t.Errorf("%s: exit %d, stderr %q\nwant a warning with %q", cmd, code, stderr.String(), want)
+			}
+		}
+	}
+	var stdout, stderr bytes.Buffer
+	run([]string{"check", "--config", writeConfig(t, "cleanup: {parent_snapshots: true, snapshot_pattern: \"^flattend-gc-\"}\n")}, &stdout, &stderr)
+	if strings.Contains(stderr.String(), "warning") {
+		t.Errorf("check with a flattend-only pattern: %q", stderr.String())
+	}
+}

@@ -98,7 +98,7 @@ func plan(ctx context.Context, cfg *config.Config, dial func() (*rados.Conn, err
 }
 
 func buildPlan(ctx context.Context, cfg *config.Config, conn *rados.Conn, now time.Time) (Plan, error) {
-	srcs := sources(cfg)
+	srcs := sources(cfg, nil) // plan lists what discovery skipped
 	p := Plan{Node: cfg.Node, Generated: now.UTC().Truncate(time.Second), Order: cfg.Flatten.Order, InUse: cfg.Flatten.InUse,
 		Sources: []string{}, Clones: []PlanClone{}, Skipped: []PlanSkipped{}}
 	for _, s := range srcs {

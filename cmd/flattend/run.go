@@ -147,7 +147,7 @@ func reloadConfig(e *env, sched *scheduler.Scheduler, m *metrics.Metrics) {
 	}
 	reconnect := cfg.Ceph != old.Ceph || cfg.Flatten.ConcurrentOps != old.Flatten.ConcurrentOps
 	e.current.Store(cfg)
-	reloadScheduler(sched, cfg, schedulerExtras{metrics: m, reconnect: reconnect})
+	reloadScheduler(sched, cfg, schedulerExtras{metrics: m, reconnect: reconnect}, log)
 	log.Info("configuration reload accepted; it applies between two flattens", zap.String("file", cfg.Path),
 		zap.Bool("reconnect", reconnect))
 }

@@ -67,7 +67,8 @@ func schedulerConfig(cfg *config.Config, x schedulerExtras) scheduler.Config {
 // fix show before any window logic. On failure it returns nil and the exit code; otherwise the
 // caller closes it with closeScheduler.
 func startScheduler(e *env, x schedulerExtras) (*scheduler.Scheduler, int) {
-	sched := scheduler.New(schedulerConfig(e.cfg, x), scheduler.CephConnector(e.dial, e.log), sources(e.cfg), e.log)
+	warnConfig(e.log, e.cfg)
+	sched := scheduler.New(schedulerConfig(e.cfg, x), scheduler.CephConnector(e.dial, e.log), sources(e.cfg, e.log), e.log)
 	if err := sched.Connect(); err != nil {
 		e.log.Error("cannot start", zap.Error(err))
 		closeScheduler(sched)
@@ -77,8 +78,16 @@ func startScheduler(e *env, x schedulerExtras) (*scheduler.Scheduler, int) {
 }
 
 // reloadScheduler hands a reloaded config to a running scheduler.
-func reloadScheduler(sched *scheduler.Scheduler, cfg *config.Config, x schedulerExtras) {
-	sched.Reload(schedulerConfig(cfg, x), sources(cfg))
+func reloadScheduler(sched *scheduler.Scheduler, cfg *config.Config, x schedulerExtras, log *zap.Logger) {
+	warnConfig(log, cfg)
+	sched.Reload(schedulerConfig(cfg, x), sources(cfg, log))
+}
+
+// warnConfig logs the config's warnings: flattend runs as configured, but an operator should look.
+func warnConfig(log *zap.Logger, cfg *config.Config) {
+	for _, w := range cfg.Warnings() {
+		log.Warn("configuration warning", zap.String("warning", w.Error()))
+	}
 }
 
 func closeScheduler(sched *scheduler.Scheduler) {
@@ -109,14 +118,15 @@ func lockOptions(cfg *config.Config) lock.Options {
 		Node: cfg.Node}
 }
 
-func sources(cfg *config.Config) []discovery.Source {
+// sources are the discovery sources of cfg; log hears of the libvirt disks left out (nil: nothing).
+func sources(cfg *config.Config, log *zap.Logger) []discovery.Source {
 	var ss []discovery.Source
 	for i, p := range cfg.Discovery.Pools {
 		ss = append(ss, discovery.Pool{Pool: p.Pool, Namespace: p.Namespace, OwnerKey: p.OwnerKey, Shared: p.Shared,
 			Node: cfg.Node, Match: cfg.PoolMatch(i)})
 	}
 	if l := cfg.Discovery.Libvirt; l != nil {
-		ss = append(ss, discovery.Libvirt{URI: l.URI, IncludeVMDisks: l.IncludeVMDisks, Node: cfg.Node})
+		ss = append(ss, discovery.Libvirt{URI: l.URI, IncludeVMDisks: l.IncludeVMDisks, Node: cfg.Node, Log: log})
 	}
 	return ss
 }

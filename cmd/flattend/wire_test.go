@@ -73,7 +73,7 @@ discovery:
     - {pool: vms, match: "^volume-", namespace: ns}
     - {pool: backlog, shared: true}
 `)
-	ss := sources(cfg)
+	ss := sources(cfg, nil)
 	if len(ss) != 3 {
 		t.Fatalf("sources: %+v", ss)
 	}

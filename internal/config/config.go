@@ -56,6 +56,7 @@ type parsed struct {
 	window          window.Window
 	snapshotPattern *regexp.Regexp   // nil when cleanup.snapshot_pattern is empty
 	poolMatch       []*regexp.Regexp // per discovery.pools entry; nil when its match is empty
+	warnings        Errors           // see Warnings
 }
 
 // ParsedWindow is window.schedule and window.duration as a window.Window (zero unless the

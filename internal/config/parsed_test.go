@@ -96,7 +96,7 @@ window: {schedule: "0 25 * * *", duration: 0s}
 		`c.yaml:5: window.duration: must be positive, got 0s`,
 		`c.yaml:2: backoff.min: must be positive, got 0s`,
 		`c.yaml:4: gates.space_factor: 0 is out of range 1..100 (the space gate cannot be turned off)`,
-		`c.yaml:3: cleanup.snapshot_pattern: required with cleanup.parent_snapshots: true (a regular expression on snapshot names, e.g. ^snapshot-)`,
+		`c.yaml:3: cleanup.snapshot_pattern: required with cleanup.parent_snapshots: true (a regular expression on snapshot names, e.g. ^flattend-gc-)`,
 		`c.yaml:4: gates.check_interval: must be positive, got 0s`,
 	}, "\n")
 	if err == nil || err.Error() != want {

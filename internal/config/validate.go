@@ -65,6 +65,11 @@ func (v *checker) bad(field, format string, args ...any) {
 	if v.unprintable[field] {
 		return
 	}
+	v.es = append(v.es, v.at(field, fmt.Sprintf(format, args...)))
+}
+
+// at is msg about field, at field's line or the closest enclosing key's the file has.
+func (v *checker) at(field, msg string) *Error {
 	line := v.places[field]
 	for p := field; line == 0 && p != ""; {
 		i := strings.LastIndexAny(p, ".[")
@@ -74,7 +79,7 @@ func (v *checker) bad(field, format string, args ...any) {
 		p = p[:i]
 		line = v.places[p]
 	}
-	v.es = append(v.es, &Error{File: v.path, Line: line, Field: field, Msg: fmt.Sprintf(format, args...)})
+	return &Error{File: v.path, Line: line, Field: field, Msg: msg}
 }
 
 // positive reports field unless d > 0.
@@ -127,6 +132,7 @@ func (c *Config) validate(places map[string]int) Errors {
 	// The gates' checks straddle cleanup's so that the errors keep the order they always had.
 	v.spaceFactor(c.Gates)
 	c.parsed.snapshotPattern = v.cleanup(c.Cleanup)
+	c.parsed.warnings = v.snapshotPatternWarnings(c.parsed.snapshotPattern)
 	v.atLeast("gates.check_interval", c.Gates.CheckInterval, minGateCheck)
 	c.parsed.poolMatch = v.discovery(c.Discovery)
 	v.metrics(c.Metrics)
@@ -237,7 +243,7 @@ func (v *checker) spaceFactor(g Gates) {
 func (v *checker) cleanup(c Cleanup) *regexp.Regexp {
 	if c.SnapshotPattern == "" {
 		if c.ParentSnapshots {
-			v.bad("cleanup.snapshot_pattern", "required with cleanup.parent_snapshots: true (a regular expression on snapshot names, e.g. ^snapshot-)")
+			v.bad("cleanup.snapshot_pattern", "required with cleanup.parent_snapshots: true (a regular expression on snapshot names, e.g. ^flattend-gc-)")
 		}
 		return nil
 	}

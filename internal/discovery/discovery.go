@@ -48,7 +48,7 @@ type Clone struct {
 // telling an operator (a disk of this node's VM that is a clone, an image tagged for this node
 // that is flat already …). Images that simply are not this node's are not listed.
 type Skipped struct {
-	Image  string // "pool/image" or "pool/namespace/image"
+	Image  string // "pool/image" or "pool/namespace/image"; a malformed libvirt disk name, quoted
 	Source string
 	Reason string
 }
@@ -123,7 +123,11 @@ func (c *collector) clone(cl Clone) {
 }
 
 func (c *collector) skip(image rbdimage.Spec, source, reason string) {
+	c.add(Skipped{Image: image.String(), Source: source, Reason: reason})
+}
+
+func (c *collector) add(s Skipped) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.found.Skipped = append(c.found.Skipped, Skipped{Image: image.String(), Source: source, Reason: reason})
+	c.found.Skipped = append(c.found.Skipped, s)
 }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/ceph/go-ceph/rados"
+	"go.uber.org/zap"
 
 	"github.com/flattend/flattend/internal/libvirturi"
 	"github.com/flattend/flattend/internal/rbdimage"
@@ -35,6 +36,9 @@ type Libvirt struct {
 	Timeout time.Duration
 	// Workers bounds how many images are read at once; zero means DefaultLibvirtWorkers.
 	Workers int
+	// Log hears of the disks left out: a malformed one as a warning, the others at debug level.
+	// nil logs nothing.
+	Log *zap.Logger
 }
 
 // withDefaults is l with its zero (or negative) fields set to their defaults.
@@ -48,30 +52,28 @@ func (l Libvirt) withDefaults() Libvirt {
 	if l.Workers <= 0 {
 		l.Workers = DefaultLibvirtWorkers
 	}
+	if l.Log == nil {
+		l.Log = zap.NewNop()
+	}
 	return l
 }
 
 // Name implements Source.
 func (l Libvirt) Name() string { return "libvirt" }
 
-// Check connects to libvirt and counts the domains and their RBD disks, for `flattend check`.
-func (l Libvirt) Check(ctx context.Context) (domains, disks int, err error) {
-	ds, n, err := l.Disks(ctx)
-	return n, len(ds), err
-}
-
 // Discover implements Source: it reads the disks from libvirt, then walks the clone tree below
 // each disk (children of every snapshot, in any pool and namespace, and their children in turn),
 // level by level, opening each image read-only once.
 func (l Libvirt) Discover(ctx context.Context, conn *rados.Conn) (Found, error) {
 	l = l.withDefaults()
-	disks, _, err := l.Disks(ctx)
+	hd, err := l.Disks(ctx)
 	if err != nil {
 		return Found{}, err
 	}
 	w := &walk{l: l, ps: newPass(conn), visited: map[string]bool{}}
 	defer w.ps.close()
-	level := w.roots(disks)
+	w.ignore(hd.Ignored)
+	level := w.roots(hd.Disks)
 	for len(level) > 0 {
 		if level, err = w.level(ctx, level); err != nil {
 			return Found{}, err
@@ -116,6 +118,23 @@ func (w *walk) roots(disks []Disk) []node {
 		level[i].disks = byImage[level[i].Spec]
 	}
 	return level
+}
+
+// ignore reports the disks that are no roots: each is logged and listed as skipped.
+func (w *walk) ignore(ignored []IgnoredDisk) {
+	for _, ig := range ignored {
+		image := ig.Spec.String()
+		if ig.Malformed || ig.Pool == "" {
+			image = fmt.Sprintf("%q", ig.Name)
+		}
+		fields := []zap.Field{zap.String("disk", ig.Disk.String()), zap.String("source", ig.Name), zap.String("reason", ig.Reason)}
+		if ig.Malformed {
+			w.l.Log.Warn("libvirt disk skipped: its rbd source name is malformed", fields...)
+		} else {
+			w.l.Log.Debug("libvirt disk is no root of ownership", fields...)
+		}
+		w.out.add(Skipped{Image: image, Source: w.l.Name(), Reason: ig.String()})
+	}
 }
 
 // level visits the nodes of one level of the tree at once and returns the next level: their

@@ -304,13 +304,13 @@ func TestLibvirtVolumeDisks(t *testing.T) {
 		"</devices></domain>"))
 
 	src := discovery.Libvirt{URI: lv.URI, Node: cephtest.Name(t, "me")}
-	disks, _, err := src.Disks(context.Background())
+	hd, err := src.Disks(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
 	want := []discovery.Disk{{Domain: pre + "-vm", Target: "vda", Spec: rbdimage.Spec{Pool: cephtest.Pool, Image: pre + "-disk"}, StoragePool: pre + "-ceph"}}
-	if !slices.Equal(disks, want) {
-		t.Fatalf("disks %+v\nwant %+v", disks, want)
+	if !slices.Equal(hd.Disks, want) || len(hd.Ignored) != 0 || hd.Domains != 1 {
+		t.Fatalf("disks %+v\nwant %+v", hd, want)
 	}
 	f, err := discovery.Find(context.Background(), conn, []discovery.Source{src})
 	if err != nil {
@@ -326,24 +326,68 @@ func TestDomainDisks(t *testing.T) {
 	<disk type='file' device='disk'><source file='/x.img'/><target dev='hda'/></disk>
 	<disk type='network' device='disk'><source protocol='rbd' name='vms/a'><host name='mon1'/></source><target dev='vda'/></disk>
 	<disk type='network' device='disk'><source protocol='rbd' name='vms/ns/b'/><target dev='vdb'/></disk>
-	<disk type='network' device='cdrom'><source protocol='rbd' name='images/c@snap'/><target dev='sda'/></disk>
+	<disk type='network' device='disk'><source protocol='rbd' name='images/c@snap'/><target dev='vde'/></disk>
 	<disk type='network' device='disk'><source protocol='nbd' name='x/y'/><target dev='vdc'/></disk>
 	<disk type='volume' device='disk'><source pool='cephpool' volume='d'/><target dev='vdd'/></disk>
 	</devices></domain>`
-	got, err := discovery.DomainDisks(xml)
+	got, ignored, err := discovery.DomainDisks(xml)
 	if err != nil {
 		t.Fatal(err)
 	}
 	want := []discovery.Disk{
 		{Domain: "vm", Target: "vda", Spec: rbdimage.Spec{Pool: "vms", Image: "a"}},
 		{Domain: "vm", Target: "vdb", Spec: rbdimage.Spec{Pool: "vms", Namespace: "ns", Image: "b"}},
-		{Domain: "vm", Target: "sda", Spec: rbdimage.Spec{Pool: "images", Image: "c", Snap: "snap"}},
+		{Domain: "vm", Target: "vde", Spec: rbdimage.Spec{Pool: "images", Image: "c", Snap: "snap"}},
 		{Domain: "vm", Target: "vdd", Spec: rbdimage.Spec{Image: "d"}, StoragePool: "cephpool"}, // its Ceph pool comes from libvirt
 	}
-	if !slices.Equal(got, want) {
-		t.Fatalf("disks %+v\nwant %+v", got, want)
+	if !slices.Equal(got, want) || len(ignored) != 0 {
+		t.Fatalf("disks %+v\nwant %+v\nignored %+v", got, want, ignored)
 	}
-	if _, err := discovery.DomainDisks(strings.Replace(xml, "vms/a", "nopool", 1)); err == nil {
-		t.Fatal("an rbd name without a pool must be an error")
+	if _, _, err := discovery.DomainDisks("<domain"); err == nil {
+		t.Fatal("XML that does not parse must be an error")
+	}
+}
+
+// Read-only, shareable and cdrom disks are no roots; a malformed name skips its disk alone.
+func TestDomainDisksIgnored(t *testing.T) {
+	rbd := func(dev, device, name, extra string) string {
+		return "<disk type='network' device='" + device + "'><source protocol='rbd' name='" + name + "'/><target dev='" + dev + "'/>" + extra + "</disk>"
+	}
+	xml := "<domain type='kvm'><name>vm</name><devices>" +
+		rbd("vda", "disk", "vms/a", "") +
+		rbd("vdb", "disk", "images/golden", "<readonly/>") +
+		rbd("vdc", "disk", "images/golden", "<shareable/>") +
+		rbd("sda", "cdrom", "images/golden", "") +
+		"<disk type='volume' device='disk'><source pool='cephpool' volume='g'/><target dev='vdd'/><readonly/></disk>" +
+		rbd("vde", "disk", "vms/x/y/z", "") + rbd("vdf", "disk", "vms//a", "") + rbd("vdg", "disk", "/a", "") +
+		rbd("vdh", "disk", "vms/", "") + rbd("vdi", "disk", "vms/a&#9;b", "") + rbd("vdj", "disk", "vms/a@", "") +
+		"<disk type='volume' device='disk'><source pool='cephpool' volume='x/y'/><target dev='vdk'/></disk>" +
+		"</devices></domain>"
+	got, ignored, err := discovery.DomainDisks(xml)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []discovery.Disk{{Domain: "vm", Target: "vda", Spec: rbdimage.Spec{Pool: "vms", Image: "a"}}}; !slices.Equal(got, want) {
+		t.Fatalf("disks %+v, want %+v", got, want)
+	}
+	var lines []string
+	for _, ig := range ignored {
+		lines = append(lines, fmt.Sprintf("%s %t %s", ig.Target, ig.Malformed, ig))
+	}
+	wantStart := []string{"vdb false disk vdb of domain vm is read-only: ", "vdc false disk vdc of domain vm is shareable: ",
+		"sda false disk sda of domain vm is a cdrom: ", "vdd false disk vdd of domain vm is read-only: "}
+	for _, dev := range []string{"vde", "vdf", "vdg", "vdh", "vdi", "vdj", "vdk"} {
+		wantStart = append(wantStart, dev+" true disk "+dev+" of domain vm skipped: malformed: ")
+	}
+	if len(lines) != len(wantStart) {
+		t.Fatalf("ignored:\n%s\nwant %d", strings.Join(lines, "\n"), len(wantStart))
+	}
+	for i, l := range lines {
+		if !strings.HasPrefix(l, wantStart[i]) || strings.ContainsRune(l, '\t') {
+			t.Errorf("ignored %q, want it to start with %q, control characters escaped", l, wantStart[i])
+		}
+	}
+	if ig := ignored[0]; ig.Spec != (rbdimage.Spec{Pool: "images", Image: "golden"}) || ig.Name != "images/golden" {
+		t.Errorf("read-only disk: %+v, want its image", ig)
 	}
 }

@@ -169,3 +169,57 @@ func TestLibvirtUnreachable(t *testing.T) {
 		}
 	}
 }
+
+// Disks that are no roots of ownership and a malformed disk, on a real libvirtd: check says what
+// it does not follow and warns of the malformed name (exit 0); plan lists both as skipped and
+// selects only the writable disk's clone, not the golden image's; once flattens only that one.
+func TestLibvirtIgnoredDisksEndToEnd(t *testing.T) {
+	conn := cephtest.Connect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	lv := libvirttest.Start(t)
+	P := cephtest.Pool
+	pre := cephtest.Name(t, "ig")
+	g := cephtest.MakeParent(t, ioctx, pre+"-golden", 4<<20, 22)
+	cephtest.Clone(t, ioctx, g, pre+"-elsewhere", "")
+	d := cephtest.MakeParent(t, ioctx, pre+"-disk", 4<<20, 22)
+	cephtest.Clone(t, ioctx, d, pre+"-mine", "")
+	lv.DefineDisks(t, pre+"-vm",
+		libvirttest.RBDDisk("vda", P+"/"+pre+"-disk", "disk", ""),
+		libvirttest.RBDDisk("vdb", P+"/"+pre+"-golden", "disk", "<readonly/>"),
+		libvirttest.RBDDisk("sda", P+"/"+pre+"-golden", "cdrom", ""),
+		libvirttest.RBDDisk("vdc", P+"/x/y/z", "disk", ""))
+	cfg := nodeConfig(t, pre+"-node", cephtest.Name(t, "lock"), fmt.Sprintf("discovery: {libvirt: {uri: %q}}\n", lv.URI))
+
+	code, out := runCmd(t, time.Minute, "check", "--config", cfg)
+	for _, want := range []string{"(1 domains, 1 rbd disks", "disk vdb of domain " + pre + "-vm is read-only", "disk sda of domain " + pre + "-vm is a cdrom",
+		"warning: discovery: libvirt disk vdc of domain " + pre + "-vm skipped: malformed: rbd source name \"" + P + "/x/y/z\""} {
+		if code != 0 || !strings.Contains(out, want) {
+			t.Fatalf("check: exit %d, want %q in\n%s", code, want, out)
+		}
+	}
+	code, out = runCmd(t, time.Minute, "plan", "--config", cfg, "--json")
+	var plan struct {
+		Clones  []struct{ Image string }
+		Skipped []struct{ Image, Reason string }
+	}
+	if err := json.Unmarshal([]byte(out), &plan); code != 0 || err != nil {
+		t.Fatalf("plan --json: exit %d, %v\n%s", code, err, out)
+	}
+	if len(plan.Clones) != 1 || plan.Clones[0].Image != P+"/"+pre+"-mine" {
+		t.Fatalf("plan clones %+v, want only %s", plan.Clones, pre+"-mine")
+	}
+	skipped := map[string]bool{}
+	for _, s := range plan.Skipped {
+		skipped[s.Image] = true
+	}
+	if !skipped[P+"/"+pre+"-golden"] || !skipped[fmt.Sprintf("%q", P+"/x/y/z")] {
+		t.Errorf("plan skipped %+v, want the golden image and the malformed name", plan.Skipped)
+	}
+	if code, out = runCmd(t, 3*time.Minute, "once", "--config", cfg); code != 0 {
+		t.Fatalf("once: exit %d\n%s", code, out)
+	}
+	cephtest.AssertFlatAndIntact(t, ioctx, d, pre+"-mine")
+	if !cephtest.IsClone(t, ioctx, pre+"-elsewhere") {
+		t.Errorf("%s, another host's clone of the golden image, was flattened", pre+"-elsewhere")
+	}
+}

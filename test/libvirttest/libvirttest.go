@@ -8,6 +8,7 @@
 package libvirttest
 
 import (
+	"encoding/xml"
 	"fmt"
 	"os"
 	"os/exec"
@@ -130,12 +131,36 @@ func (d *Daemon) Virsh(t testing.TB, args ...string) string {
 // given as "pool/image" or "pool/namespace/image".
 func (d *Daemon) Define(t testing.TB, name string, disks ...string) {
 	t.Helper()
+	var xml []string
+	for i, disk := range disks {
+		xml = append(xml, RBDDisk(fmt.Sprintf("vd%c", 'a'+i), disk, "disk", ""))
+	}
+	d.DefineDisks(t, name, xml...)
+}
+
+// RBDDisk is the XML of an RBD network disk: device is disk, cdrom …; extra goes inside the
+// <disk> element (e.g. "<readonly/>"). The name is escaped as XML text. A target dev sdX is on
+// the SATA bus (a cdrom must be), any other on virtio.
+func RBDDisk(dev, rbdName, device, extra string) string {
+	bus := "virtio"
+	if strings.HasPrefix(dev, "sd") {
+		bus = "sata"
+	}
+	var name strings.Builder
+	_ = xml.EscapeText(&name, []byte(rbdName))
+	return fmt.Sprintf("    <disk type='network' device='%s'>\n      <driver name='qemu' type='raw'/>\n"+
+		"      <source protocol='rbd' name='%s'/>\n      <target dev='%s' bus='%s'/>%s\n    </disk>\n",
+		device, name.String(), dev, bus, extra)
+}
+
+// DefineDisks defines (does not start) a QEMU domain with the given <disk> elements.
+func (d *Daemon) DefineDisks(t testing.TB, name string, disks ...string) {
+	t.Helper()
 	var b strings.Builder
 	fmt.Fprintf(&b, "<domain type='qemu'>\n  <name>%s</name>\n  <memory unit='MiB'>64</memory>\n", name)
 	b.WriteString("  <os><type arch='x86_64'>hvm</type></os>\n  <devices>\n")
-	for i, disk := range disks {
-		fmt.Fprintf(&b, "    <disk type='network' device='disk'>\n      <driver name='qemu' type='raw'/>\n"+
-			"      <source protocol='rbd' name='%s'/>\n      <target dev='vd%c' bus='virtio'/>\n    </disk>\n", disk, 'a'+i)
+	for _, disk := range disks {
+		b.WriteString(disk)
 	}
 	b.WriteString("  </devices>\n</domain>\n")
 	p := filepath.Join(d.dir, name+".xml")

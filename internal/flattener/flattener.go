@@ -13,6 +13,7 @@ import (
 	"github.com/ceph/go-ceph/rados"
 
 	"github.com/flattend/flattend/internal/cephconn"
+	"github.com/flattend/flattend/internal/librbd"
 	"github.com/flattend/flattend/internal/rbdimage"
 )
 
@@ -49,7 +50,7 @@ func FlattenPaced(ctx context.Context, conn *rados.Conn, t rbdimage.Spec, bytesP
 	}
 
 	var objects uint64
-	stage, errno := flattenWithProgress(ioctx, t.Image, func(done, total uint64) bool {
+	stage, errno := librbd.FlattenWithProgress(ioctx, t.Image, func(done, total uint64) bool {
 		if ctx.Err() != nil {
 			return false
 		}

@@ -11,6 +11,7 @@ import (
 	"github.com/ceph/go-ceph/rados"
 	"github.com/ceph/go-ceph/rbd"
 
+	"github.com/flattend/flattend/internal/librbd"
 	"github.com/flattend/flattend/internal/rbdimage"
 )
 
@@ -117,7 +118,7 @@ func readLayout(conn *rados.Conn, img *rbdimage.Image) (*layout, error) {
 	if err != nil || l.stripeUnit == 0 || l.stripes == 0 || l.objectSize%l.stripeUnit != 0 {
 		return nil, fmt.Errorf("striping of %s (unit %d, count %d): %v", t, l.stripeUnit, l.stripes, err)
 	}
-	pool, errno := dataPoolID(img.IOContext(), t.Image)
+	pool, errno := librbd.DataPoolID(img.IOContext(), t.Image)
 	if errno != 0 {
 		return nil, fmt.Errorf("data pool of %s: %w", t, errno)
 	}

@@ -3,12 +3,14 @@ package flattener
 import (
 	"strconv"
 	"strings"
+
+	"github.com/flattend/flattend/internal/librbd"
 )
 
 // CephVersion is the version of the Ceph libraries this process runs with, as libceph-common
 // reports it ("16.2.15"), or "" if it cannot tell. It is read at run time: the librbd a binary
 // runs with may be newer than the one it was built against.
-func CephVersion() string { return loadedCephVersion() }
+func CephVersion() string { return librbd.CephVersion() }
 
 // CopyupFixed reports whether librbd of Ceph version v flattens safely a clone whose object map
 // says an object exists that RADOS lacks (the state an interrupted flatten leaves). Ceph tracker

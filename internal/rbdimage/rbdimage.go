@@ -12,6 +12,7 @@ import (
 	"github.com/ceph/go-ceph/rbd"
 
 	"github.com/flattend/flattend/internal/cephconn"
+	"github.com/flattend/flattend/internal/librbd"
 )
 
 // ErrNotFound means the image (or its snapshot) does not exist: deleted or renamed since it was
@@ -95,6 +96,7 @@ const (
 type Image struct {
 	*rbd.Image
 	Spec  Spec
+	conn  *rados.Conn
 	ioctx *rados.IOContext
 }
 
@@ -119,7 +121,7 @@ func Open(conn *rados.Conn, s Spec, mode Mode) (*Image, error) {
 		ioctx.Destroy()
 		return nil, OpenError(s, err)
 	}
-	return &Image{Image: img, Spec: s, ioctx: ioctx}, nil
+	return &Image{Image: img, Spec: s, conn: conn, ioctx: ioctx}, nil
 }
 
 // IOContext is the I/O context the image was opened in (s's pool and namespace).
@@ -147,6 +149,9 @@ type Info struct {
 	Overlap    uint64 // bytes still shared with the parent (0 when flat)
 	Parent     *Spec  // the parent snapshot; nil when flat
 	ObjectSize uint64
+	// DataPool is the pool the image's data objects live in: its own pool, or the one it was
+	// created with by --data-pool (an erasure-coded pool, typically).
+	DataPool string
 }
 
 // Inspect reads an image's size and parent without changing it.
@@ -165,7 +170,10 @@ func (i *Image) Inspect() (Info, error) {
 	if err != nil {
 		return Info{}, fmt.Errorf("stat of %s: %w", i.Spec, err)
 	}
-	info := Info{Size: st.Size, ObjectSize: st.Obj_size}
+	info := Info{Size: st.Size, ObjectSize: st.Obj_size, DataPool: i.Spec.Pool}
+	if info.DataPool, err = i.dataPool(); err != nil {
+		return Info{}, err
+	}
 	p, err := i.GetParent()
 	switch {
 	case errors.Is(err, rbd.ErrNotFound):
@@ -179,6 +187,26 @@ func (i *Image) Inspect() (Info, error) {
 		return Info{}, fmt.Errorf("parent overlap of %s: %w", i.Spec, err)
 	}
 	return info, nil
+}
+
+// dataPool names the pool of the image's data objects.
+func (i *Image) dataPool() (string, error) {
+	features, err := i.GetFeatures()
+	if err != nil {
+		return "", fmt.Errorf("features of %s: %w", i.Spec, err)
+	}
+	if features&rbd.FeatureDataPool == 0 {
+		return i.Spec.Pool, nil
+	}
+	id, errno := librbd.DataPoolID(i.ioctx, i.Spec.Image)
+	if errno != 0 {
+		return "", fmt.Errorf("data pool of %s: %w", i.Spec, errno)
+	}
+	name, err := i.conn.GetPoolByID(id)
+	if err != nil {
+		return "", fmt.Errorf("data pool %d of %s: %w", id, i.Spec, err)
+	}
+	return name, nil
 }
 
 // Users lists the other clients that have s open: the owners of its exclusive lock and its

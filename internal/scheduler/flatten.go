@@ -23,7 +23,7 @@ func (s *Scheduler) flattenUnder(ctx context.Context, sess *session, lease Lease
 	done, total := &s.progress.done, &s.progress.total // State reads them too
 	done.Store(0)
 	total.Store(1)
-	gctx, stopGates := sess.WatchGates(ctx, s.cfg.Gates, spec.Pool, s.cfg.GateInterval, func() uint64 {
+	gctx, stopGates := sess.WatchGates(ctx, s.cfg.Gates, dataPool(c, info), s.cfg.GateInterval, func() uint64 {
 		d, n := done.Load(), total.Load()
 		return info.Overlap / max(n, 1) * (n - min(d, n))
 	})

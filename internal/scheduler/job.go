@@ -175,8 +175,13 @@ func (s *Scheduler) prepare(sess *session, c discovery.Clone, locked bool) (prep
 		log.Warn("clone in use: librbd may hand the flatten to that client, beyond our throttle and cancel (flatten.in_use: allow)",
 			zap.Strings("users", users))
 	}
-	if err := sess.CheckGates(s.cfg.Gates, spec.Pool, info.Overlap); err != nil {
+	if err := sess.CheckGates(s.cfg.Gates, dataPool(c, info), info.Overlap); err != nil {
 		return prepared{}, err
+	}
+	if dataPool(c, info) != spec.Pool { // the image's own pool gets only metadata, but must not be full
+		if err := sess.CheckGates(s.cfg.Gates, spec.Pool, 0); err != nil {
+			return prepared{}, err
+		}
 	}
 	return prepared{info: info, at: time.Now()}, nil
 }
@@ -195,4 +200,13 @@ func (s *Scheduler) underLease(ctx context.Context, sess *session, lease Lease, 
 		}
 	}
 	return s.flattenUnder(ctx, sess, lease, c, pre.info)
+}
+
+// dataPool is the pool a flatten of c writes its bytes to: c's data pool (rbd clone --data-pool),
+// else its own.
+func dataPool(c discovery.Clone, info rbdimage.Info) string {
+	if info.DataPool != "" {
+		return info.DataPool
+	}
+	return c.Spec.Pool
 }

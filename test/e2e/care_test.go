@@ -82,6 +82,46 @@ func TestSpaceGateRefuses(t *testing.T) {
 	cephtest.AssertFlatAndIntact(t, pctx, p, clone)
 }
 
+// A clone whose data lives in another pool (rbd clone --data-pool, as with an erasure-coded data
+// pool): the space gate asks about the pool its bytes go to. Before, it asked about the clone's
+// own pool, which had room, and flattened into a data pool that had none.
+func TestSpaceGateWatchesDataPool(t *testing.T) {
+	conn := cephtest.Connect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 32<<20, 22)
+	dataPool := cephtest.Name(t, "data")
+	cephtest.EnsurePool(t, conn, dataPool)
+	node := cephtest.Name(t, "n")
+	clone := node + "-c"
+	opts := rbd.NewRbdImageOptions()
+	defer opts.Destroy()
+	if err := opts.SetString(rbd.ImageOptionDataPool, dataPool); err != nil {
+		t.Fatal(err)
+	}
+	if err := rbd.CloneImage(ioctx, p.Name, p.Snap, ioctx, clone, opts); err != nil {
+		t.Fatal(err)
+	}
+	cephtest.SetMeta(t, ioctx, clone, "flattend.owner", node)
+	quota := func(bytes int) {
+		cephtest.MonCommand(t, conn, map[string]any{"prefix": "osd pool set-quota", "pool": dataPool, "field": "max_bytes", "val": fmt.Sprint(bytes)})
+	}
+	quota(60 << 20) // < 32 MiB × the default space_factor 2
+
+	conf := nodeConfig(t, node, cephtest.Name(t, "lock"), "")
+	code, out := runCmd(t, time.Minute, "once", "--config", conf)
+	if code != 1 || !strings.Contains(out, "space gate closed: pool "+dataPool+" has 60.0 MiB available") {
+		t.Errorf("once with a full data pool: exit %d, want 1 and the space gate naming %s:\n%s", code, dataPool, out)
+	}
+	if !cephtest.IsClone(t, ioctx, clone) {
+		t.Fatal("flattened into a data pool without room")
+	}
+	quota(0)
+	if code, out := runCmd(t, time.Minute, "once", "--config", conf); code != 0 {
+		t.Fatalf("once with room: exit %d\n%s", code, out)
+	}
+	cephtest.AssertFlatAndIntact(t, ioctx, p, clone)
+}
+
 // A gate that closes while a flatten runs aborts it within a check interval, logs why, keeps what
 // was copied, and the next run finishes the clone. The health gate is closed for real: lowering
 // the nearfull ratio below the OSD's use raises OSD_NEARFULL (harmless to the other tests: no

@@ -1,8 +1,8 @@
-package flattener
-
-// The only cgo in flattend: go-ceph v0.34.0 wraps neither rbd_flatten_with_progress nor
-// rbd_get_data_pool_id, so this file opens the image on go-ceph's rados_ioctx_t (same connection,
-// hence same fencing) and calls them; it also asks the loaded Ceph libraries their version.
+// Package librbd is flattend's only cgo: go-ceph v0.34.0 wraps neither rbd_flatten_with_progress nor
+// rbd_get_data_pool_id, so this package opens the image on go-ceph's rados_ioctx_t (same
+// connection, hence same fencing) and calls them; it also asks the loaded Ceph libraries their
+// version.
+package librbd
 
 /*
 #cgo LDFLAGS: -lrbd -lrados -ldl
@@ -32,13 +32,13 @@ import (
 	"github.com/ceph/go-ceph/rados"
 )
 
-// progressFunc is called by librbd about once per object; returning false aborts the flatten.
-type progressFunc func(done, total uint64) bool
+// ProgressFunc is called by librbd about once per object; returning false aborts the flatten.
+type ProgressFunc func(done, total uint64) bool
 
 //export flattendProgress
 func flattendProgress(offset, total C.uint64_t, arg unsafe.Pointer) C.int {
 	h := cgo.Handle(*(*C.uintptr_t)(arg))
-	if !h.Value().(progressFunc)(uint64(offset), uint64(total)) {
+	if !h.Value().(ProgressFunc)(uint64(offset), uint64(total)) {
 		return -C.ECANCELED // librbd finishes the in-flight copy-ups, then returns ECANCELED
 	}
 	return 0
@@ -46,7 +46,7 @@ func flattendProgress(offset, total C.uint64_t, arg unsafe.Pointer) C.int {
 
 // withImage opens name in ioctx, runs op on it with a C argument that carries progress to
 // flattendProgress, and closes it. It returns where librbd failed and its errno (0 on success).
-func withImage(ioctx *rados.IOContext, name string, progress progressFunc,
+func withImage(ioctx *rados.IOContext, name string, progress ProgressFunc,
 	op func(img C.rbd_image_t, arg unsafe.Pointer) (stage string, ret C.int)) (string, syscall.Errno) {
 	cname := C.CString(name)
 	defer C.free(unsafe.Pointer(cname))
@@ -70,16 +70,16 @@ func withImage(ioctx *rados.IOContext, name string, progress progressFunc,
 	return "", 0
 }
 
-// flattenWithProgress opens name in ioctx, flattens it and closes it.
-func flattenWithProgress(ioctx *rados.IOContext, name string, progress progressFunc) (stage string, errno syscall.Errno) {
+// FlattenWithProgress opens name in ioctx, flattens it and closes it.
+func FlattenWithProgress(ioctx *rados.IOContext, name string, progress ProgressFunc) (stage string, errno syscall.Errno) {
 	return withImage(ioctx, name, progress, func(img C.rbd_image_t, arg unsafe.Pointer) (string, C.int) {
 		return "flatten", C.rbd_flatten_with_progress(img, C.librbd_progress_fn_t(C.flattendProgress), arg)
 	})
 }
 
-// dataPoolID is the pool id of name's data objects (its own pool's, unless created with
+// DataPoolID is the pool id of name's data objects (its own pool's, unless created with
 // --data-pool).
-func dataPoolID(ioctx *rados.IOContext, name string) (int64, syscall.Errno) {
+func DataPoolID(ioctx *rados.IOContext, name string) (int64, syscall.Errno) {
 	cname := C.CString(name)
 	defer C.free(unsafe.Pointer(cname))
 	var img C.rbd_image_t
@@ -94,8 +94,8 @@ func dataPoolID(ioctx *rados.IOContext, name string) (int64, syscall.Errno) {
 	return int64(id), 0
 }
 
-// loadedCephVersion is the version string of the Ceph libraries loaded ("" if unknown).
-func loadedCephVersion() string {
+// CephVersion is the version string of the Ceph libraries loaded ("" if unknown).
+func CephVersion() string {
 	if v := C.flattendCephVersion(); v != nil {
 		return C.GoString(v)
 	}

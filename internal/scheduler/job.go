@@ -3,6 +3,8 @@ package scheduler
 import (
 	"context"
 	"errors"
+	"slices"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -171,8 +173,12 @@ func (s *Scheduler) prepare(sess *session, c discovery.Clone, locked bool) (prep
 		}
 		return prepared{}, err
 	}
-	if len(users) > 0 {
-		log.Warn("clone in use: librbd may hand the flatten to that client, beyond our throttle and cancel (flatten.in_use: allow)",
+	switch {
+	case slices.ContainsFunc(users, func(u string) bool { return strings.HasPrefix(u, "lock owner ") }):
+		log.Warn("clone in use: librbd hands the flatten to the client that owns its lock (flatten.in_use: allow); "+
+			"flattend's pace and cancel do not reach it, and this node holds its slot until that flatten ends", zap.Strings("users", users))
+	case len(users) > 0:
+		log.Warn("clone in use: the flatten takes its lock, stalling that client's writes until it ends (flatten.in_use: allow)",
 			zap.Strings("users", users))
 	}
 	if err := sess.CheckGates(s.cfg.Gates, dataPool(c, info), info.Overlap); err != nil {

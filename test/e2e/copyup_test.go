@@ -1,7 +1,9 @@
 package e2e
 
 import (
+	"bytes"
 	"errors"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -89,4 +91,91 @@ func flatteningMark(t *testing.T, ioctx *rados.IOContext, image string) string {
 		t.Fatal(err)
 	}
 	return v
+}
+
+// flatten.in_use: allow with a running VM that owns its clone's exclusive lock, on a clone with a
+// lost copy-up: the verification redoes the copy-up without taking the VM's lock (before, the
+// repair took it with rbd_lock_acquire, refusing the VM's writes), flattend says the flatten is
+// handed to the VM's client, and the clone ends flat with the VM's write and the parent's data.
+func TestInUseAllowKeepsTheVMsLock(t *testing.T) {
+	conn := cephtest.Connect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	node := cephtest.Name(t, "n")
+	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 8<<20, 16) // 128 objects of 64 KiB
+	clone := node + "-c"
+	cephtest.Clone(t, ioctx, p, clone, node)
+	cephtest.LoseCopyup(t, ioctx, clone, 100)
+
+	vm, err := rbd.OpenImage(cephtest.IOContext(t, cephtest.Connect(t)), clone, rbd.NoSnapshot) // qemu's client
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vm.Close()
+	if _, err := vm.WriteAt([]byte("vm"), 5<<16); err != nil { // takes the clone's exclusive lock
+		t.Fatal(err)
+	}
+	owner := imageLockers(t, ioctx, clone)
+	if len(owner) != 1 {
+		t.Fatalf("lockers %q, want the VM", owner)
+	}
+	code, out := runCmd(t, 2*time.Minute, "once", "--config", nodeConfig(t, node, cephtest.Name(t, "lock"), "flatten: {in_use: allow}\n"))
+	if code != 0 {
+		t.Fatalf("once: exit %d\n%s", code, out)
+	}
+	if !strings.Contains(out, "librbd hands the flatten to the client that owns its lock") {
+		t.Error("once did not say that the VM's client runs the flatten")
+	}
+	if got := imageLockers(t, ioctx, clone); !slices.Equal(got, owner) {
+		t.Errorf("the clone's lock moved from the VM: %q before, %q after", owner, got)
+	}
+	if cephtest.IsClone(t, ioctx, clone) {
+		t.Fatal("clone not flat")
+	}
+	if _, err := vm.WriteAt([]byte("vm2"), 6<<16); err != nil {
+		t.Fatalf("the VM cannot write after the flatten: %v", err)
+	}
+	vm.Close()
+	want, got := make([]byte, 64<<10), make([]byte, 64<<10)
+	readImage(t, ioctx, p.Name, p.Snap, 100<<16, want)
+	readImage(t, ioctx, clone, "", 100<<16, got)
+	if !bytes.Equal(got, want) {
+		t.Error("object 100 lost its parent data (lost copy-up not redone)")
+	}
+	readImage(t, ioctx, clone, "", 5<<16, got[:2])
+	if string(got[:2]) != "vm" {
+		t.Errorf("the VM's write reads %q", got[:2])
+	}
+}
+
+func imageLockers(t *testing.T, ioctx *rados.IOContext, image string) []string {
+	t.Helper()
+	img, err := rbd.OpenImageReadOnly(ioctx, image, rbd.NoSnapshot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	_, ls, err := img.ListLockers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, l := range ls {
+		out = append(out, l.Client+" "+l.Cookie)
+	}
+	return out
+}
+
+func readImage(t *testing.T, ioctx *rados.IOContext, image, snap string, off int64, b []byte) {
+	t.Helper()
+	if snap == "" {
+		snap = rbd.NoSnapshot
+	}
+	img, err := rbd.OpenImageReadOnly(ioctx, image, snap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	if _, err := img.ReadAt(b, off); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -28,7 +28,7 @@ import (
 // Exit codes.
 const (
 	exitOK          = 0
-	exitFailure     = 1 // runtime failure, or clones left unflattened by `once`
+	exitFailure     = 1 // runtime failure, clones left unflattened by `once`, or a stop that outlasted stopGrace
 	exitUsage       = 2 // usage or configuration error
 	exitUnreachable = 3 // cannot reach or authenticate to Ceph
 )
@@ -123,6 +123,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	defer func() { _ = e.log.Sync() }()
 	ctx, stop := signalContext(e.log)
 	defer stop()
+	defer exitAfterGrace(ctx, errSignal, stopGrace, e.log, os.Exit)()
 	return cmd.run(ctx, e, o)
 }
 

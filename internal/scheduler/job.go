@@ -79,7 +79,7 @@ func (s *Scheduler) flattenClone(ctx context.Context, c discovery.Clone) error {
 		if err = s.job(ctx, sess, c); !errors.Is(err, errResume) {
 			return err
 		}
-		if err := sleep(ctx, bo.Next()); err != nil {
+		if err := s.pause(ctx, bo.Next()); err != nil {
 			return err
 		}
 	}

@@ -88,6 +88,7 @@ type Scheduler struct {
 	windowEnd atomic.Int64
 
 	progress progress
+	live     liveness
 
 	reloadMu sync.Mutex
 	pending  *reload
@@ -120,7 +121,10 @@ func (s *Scheduler) session() (*session, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.sess = &session{Locker: locker, Flattener: fl}
+	if b, ok := locker.(busyHook); ok {
+		b.onBusy(s.live.sleeping)
+	}
+	s.sess = &session{Locker: locker, Flattener: fl, live: &s.live}
 	return s.sess, nil
 }
 
@@ -152,10 +156,11 @@ func (s *Scheduler) Close(ctx context.Context) {
 	}
 }
 
-// session is the Locker and the Flattener of one connection.
+// session is the Locker and the Flattener of one connection. Its calls tick live (live.go).
 type session struct {
 	Locker
 	Flattener
+	live *liveness
 }
 
 // progress is what State and Stalled read about the running flatten.
@@ -184,14 +189,4 @@ func (s *Scheduler) State() string {
 func (s *Scheduler) setState(format string, args ...any) {
 	msg := fmt.Sprintf(format, args...)
 	s.progress.state.Store(&msg)
-}
-
-// Stalled reports how long the running flatten has gone without progress (0 when none runs or
-// it moved recently): a librbd call that hangs (say, on a full cluster) shows here.
-func (s *Scheduler) Stalled() time.Duration {
-	at := s.progress.at.Load()
-	if at == 0 {
-		return 0
-	}
-	return time.Since(time.Unix(0, at))
 }

@@ -74,6 +74,9 @@ type Scheduler struct {
 	log     *zap.Logger
 
 	sess *session // nil until the first connect and after a loss
+	// draining are discarded sessions whose Close outlasted closeWait: a librbd call still ran.
+	draining  []*session
+	closeWait time.Duration
 	// unclean lists clones whose flatten this process lost mid-way: they are checked for lost
 	// copy-ups before they are resumed.
 	unclean map[string]bool
@@ -102,7 +105,8 @@ func New(cfg Config, connect Connector, sources []discovery.Source, log *zap.Log
 		cfg.Connect = connect
 	}
 	return &Scheduler{cfg: cfg, sources: sources, log: log.With(zap.String("node", cfg.Node)),
-		unclean: map[string]bool{}, checkFirst: map[string]bool{}, retries: map[string]retry{}, reloaded: make(chan struct{}, 1)}
+		unclean: map[string]bool{}, checkFirst: map[string]bool{}, retries: map[string]retry{}, reloaded: make(chan struct{}, 1),
+		closeWait: 45 * time.Second}
 }
 
 // Connect makes the first session now, so that a daemon with a Ceph problem fails at start
@@ -136,24 +140,37 @@ func (s *Scheduler) lockOptions() lock.Options {
 }
 
 // discard closes the current session after a loss. It waits for librbd calls still running on
-// it (a LockAcquire blocked behind a dead holder returns within the watch timeout).
+// it (a LockAcquire blocked behind a dead holder returns within the watch timeout); if they
+// outlast closeWait, the session is left draining: its connection is shut down when they
+// return, and Close waits for that.
 func (s *Scheduler) discard() {
-	ctx, cancel := context.WithTimeout(context.Background(), 45*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), s.closeWait)
 	defer cancel()
-	s.Close(ctx)
+	s.closeSession(ctx)
 }
 
-// Close closes the session, waiting until ctx ends for librbd calls still running on it; if they
-// do not finish, its connection is left open (the process is about to exit anyway).
-func (s *Scheduler) Close(ctx context.Context) {
+func (s *Scheduler) closeSession(ctx context.Context) {
 	if s.sess == nil {
 		return
 	}
 	sess := s.sess
 	s.sess = nil
 	if err := sess.Close(ctx); err != nil {
-		s.log.Warn("leaving a connection open", zap.Error(err))
+		s.log.Warn("connection still busy: it is shut down when its last librbd call returns", zap.Error(err))
+		s.draining = append(s.draining, sess)
 	}
+}
+
+// Close closes the session, and waits until ctx ends for it and for the sessions still draining
+// to shut their connections down. What outlasts ctx is left open (the process is about to exit).
+func (s *Scheduler) Close(ctx context.Context) {
+	s.closeSession(ctx)
+	for _, d := range s.draining {
+		if err := d.Close(ctx); err != nil {
+			s.log.Warn("leaving a connection open", zap.Error(err))
+		}
+	}
+	s.draining = nil
 }
 
 // session is the Locker and the Flattener of one connection. Its calls tick live (live.go).

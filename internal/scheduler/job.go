@@ -3,11 +3,13 @@ package scheduler
 import (
 	"context"
 	"errors"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/flattend/flattend/internal/backoff"
+	"github.com/flattend/flattend/internal/cephconn"
 	"github.com/flattend/flattend/internal/discovery"
 	"github.com/flattend/flattend/internal/gate"
 	"github.com/flattend/flattend/internal/lock"
@@ -121,6 +123,11 @@ func (s *Scheduler) job(ctx context.Context, sess *session, c discovery.Clone) e
 		// The lock was lost or the connection fenced: never reuse it.
 		s.log.Warn("lock lost, reconnecting", zap.NamedError("lease", uerr), zap.NamedError("flatten", ferr))
 		s.discard()
+	}
+	if cephconn.IsErrno(ferr, syscall.ETIMEDOUT) {
+		// A copy-up cut short by ceph.op_timeout may have left the object map ahead of the data:
+		// repair before the resume, as after a loss.
+		s.unclean[c.Spec.String()] = true
 	}
 	switch {
 	case ferr == nil:

@@ -3,10 +3,12 @@ package scheduler
 import (
 	"context"
 	"errors"
+	"fmt"
 	"regexp"
 	"runtime"
 	"slices"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -194,5 +196,30 @@ func TestNoGoroutineOutlivesLockLosses(t *testing.T) {
 	if n > base {
 		buf := make([]byte, 1<<20)
 		t.Fatalf("%d goroutines after the scheduler closed, %d before:\n%s", n, base, buf[:runtime.Stack(buf, true)])
+	}
+}
+
+// A flatten that failed on ceph.op_timeout is repaired before its resume: a copy-up cut short
+// may have left the object map saying "exists" for an object never written.
+func TestTimedOutFlattenRepairedBeforeResume(t *testing.T) {
+	c := &cluster{}
+	c.flatten = func(_ context.Context, _ int, s rbdimage.Spec) error {
+		if len(c.Events()) < 5 {
+			return fmt.Errorf("%s: flatten: %w", s, syscall.ETIMEDOUT)
+		}
+		return nil
+	}
+	s := newTestScheduler(c, Config{})
+	if sum := s.work(context.Background(), clones("a")); len(sum.Failed) != 1 {
+		t.Fatalf("first pass: %+v", sum)
+	}
+	delete(s.retries, "p/a") // due again now
+	if sum := s.work(context.Background(), clones("a")); sum.Flattened != 1 {
+		t.Fatalf("second pass: %+v", sum)
+	}
+	want := []string{"connect 1", "lock 1", "flatten p/a on 1", "unlock 1",
+		"lock 1", "repair p/a on 1", "mark p/a", "flatten p/a on 1", "unlock 1"}
+	if got := c.Events(); !slices.Equal(got, want) {
+		t.Fatalf("events\n got %q\nwant %q", got, want)
 	}
 }

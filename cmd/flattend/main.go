@@ -51,8 +51,8 @@ Usage:
 
 Run "flattend COMMAND --help" for a command's options.
 
-Exit codes: 0 ok, 1 runtime failure (or clones left by once), 2 usage/config error,
-3 cannot reach or authenticate to Ceph.
+Exit codes: 0 ok, 1 runtime failure (or clones left by once, or Ceph calls still blocked 30 s
+after SIGTERM or once --timeout), 2 usage/config error, 3 cannot reach or authenticate to Ceph.
 `
 
 // options are the command line flags; each command defines its own besides --config.

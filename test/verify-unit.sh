@@ -18,4 +18,17 @@ if [[ -n $out ]]; then
 	echo "$out" >&2
 	exit 1
 fi
+# What flattend's exit codes and stop bound need from the unit: no restart loop on a config
+# error (exit 2), and room for the 30 s stop grace (cmd/flattend/stop.go).
+unit=$here/deploy/systemd/flattend.service
+if ! grep -Eq '^RestartPreventExitStatus=(.* )?2( |$)' "$unit"; then
+	echo "verify-unit: $unit: RestartPreventExitStatus must list 2 (config errors must not restart in a loop)" >&2
+	exit 1
+fi
+stop=$(sed -n 's/^TimeoutStopSec=//p' "$unit")
+secs=$(systemd-analyze timespan "${stop:-90s}" | sed -n 's/^ *μs: *//p')
+if [[ -z $secs ]] || ((secs < 35000000)); then
+	echo "verify-unit: $unit: TimeoutStopSec=${stop:-90s (default)} must leave room for the 30 s stop grace (35 s or more)" >&2
+	exit 1
+fi
 echo "verify-unit: deploy/systemd/flattend.service ok"

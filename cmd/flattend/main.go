@@ -28,7 +28,7 @@ import (
 // Exit codes.
 const (
 	exitOK          = 0
-	exitFailure     = 1 // runtime failure, or clones left unflattened by `once`
+	exitFailure     = 1 // runtime failure, clones left unflattened by `once`, or a stop that outlasted stopGrace
 	exitUsage       = 2 // usage or configuration error
 	exitUnreachable = 3 // cannot reach or authenticate to Ceph
 )
@@ -52,8 +52,8 @@ Usage:
 
 Run "flattend COMMAND --help" for a command's options.
 
-Exit codes: 0 ok, 1 runtime failure (or clones left by once), 2 usage/config error,
-3 cannot reach or authenticate to Ceph.
+Exit codes: 0 ok, 1 runtime failure (or clones left by once, or Ceph calls still blocked 30 s
+after SIGTERM or once --timeout), 2 usage/config error, 3 cannot reach or authenticate to Ceph.
 `
 
 // options are the command line flags; each command defines its own besides --config.
@@ -127,6 +127,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	defer func() { _ = e.log.Sync() }()
 	ctx, stop := signalContext(e.log)
 	defer stop()
+	defer exitAfterGrace(ctx, errSignal, stopGrace, e.log, os.Exit)()
 	return cmd.run(ctx, e, o)
 }
 

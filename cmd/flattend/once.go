@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"os"
 
 	"github.com/ceph/go-ceph/rados"
 	"go.uber.org/zap"
@@ -13,6 +14,9 @@ import (
 	"github.com/flattend/flattend/internal/rbdimage"
 	"github.com/flattend/flattend/internal/scheduler"
 )
+
+// errTimeout is the cause of cancellation when `once --timeout` is reached.
+var errTimeout = errors.New("once --timeout")
 
 func onceFlags(fs *flag.FlagSet, o *options) {
 	fs.DurationVar(&o.timeout, "timeout", 0, "give up (cancelling the running flatten) after this long; 0: no limit")
@@ -42,8 +46,10 @@ func runOnce(ctx context.Context, e *env, o options) int {
 
 	if o.timeout > 0 {
 		var stop context.CancelFunc
-		ctx, stop = context.WithTimeoutCause(ctx, o.timeout, fmt.Errorf("once --timeout %s reached", o.timeout))
+		ctx, stop = context.WithTimeoutCause(ctx, o.timeout, fmt.Errorf("%w %s reached", errTimeout, o.timeout))
 		defer stop()
+		// Ceph calls that do not return (paused OSDs) must not outlast the limit by more than the grace.
+		defer exitAfterGrace(ctx, errTimeout, stopGrace, e.log, os.Exit)()
 	}
 	sum, err := onePass(ctx, sched, e.dial, o.image)
 	return passResult(ctx, e.log, sum, err)

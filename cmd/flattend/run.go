@@ -27,7 +27,7 @@ func runDaemon(ctx context.Context, e *env, _ options) int {
 }
 
 // daemon is `flattend run` once connected: it serves metrics, tells systemd it is ready, feeds
-// the watchdog while flattens make progress, reloads the config on SIGHUP and works in every
+// the watchdog while the main loop makes progress, reloads the config on SIGHUP and works in every
 // window until ctx ends (SIGTERM).
 func daemon(ctx context.Context, e *env, sched *scheduler.Scheduler, m *metrics.Metrics) int {
 	if listen := e.cfg.Metrics.Listen; listen != "" {
@@ -96,15 +96,20 @@ func reportStatus(ctx context.Context, sched *scheduler.Scheduler) {
 	}
 }
 
-// feedWatchdog pings systemd's watchdog (WatchdogSec= in the unit) while the daemon is alive: a
-// flatten that has made no progress for a whole watchdog period (librbd hung) stops the pings,
-// and systemd restarts the daemon. Its lock is then taken over by the next node after the watch
-// timeout, and the flatten resumes later.
+// feedWatchdog pings systemd's watchdog (WatchdogSec= in the unit) while the main loop makes
+// progress: a Ceph call that never returns, or a flatten without progress, for a whole watchdog
+// period stops the pings, and systemd restarts the daemon. Its lock is then taken over by the
+// next node after the watch timeout, and the flatten resumes later.
 func feedWatchdog(ctx context.Context, sched *scheduler.Scheduler, log *zap.Logger) {
 	period, err := sd.SdWatchdogEnabled(false)
 	if err != nil || period <= 0 {
 		return
 	}
+	watchdog(ctx, period, sched.Stalled, func() { _, _ = sd.SdNotify(false, sd.SdNotifyWatchdog) }, log)
+}
+
+// watchdog calls ping every period/3 while stalled() stays under period, until ctx ends.
+func watchdog(ctx context.Context, period time.Duration, stalled func() time.Duration, ping func(), log *zap.Logger) {
 	t := time.NewTicker(period / 3)
 	defer t.Stop()
 	warned := false
@@ -114,16 +119,16 @@ func feedWatchdog(ctx context.Context, sched *scheduler.Scheduler, log *zap.Logg
 			return
 		case <-t.C:
 		}
-		if stall := sched.Stalled(); stall >= period {
+		if stall := stalled(); stall >= period {
 			if !warned {
-				log.Error("flatten made no progress for a whole watchdog period: not feeding the watchdog",
+				log.Error("the main loop made no progress for a whole watchdog period: not feeding the watchdog",
 					zap.Duration("stalled", stall), zap.Duration("watchdog", period))
 				warned = true
 			}
 			continue
 		}
 		warned = false
-		_, _ = sd.SdNotify(false, sd.SdNotifyWatchdog)
+		ping()
 	}
 }
 

@@ -108,6 +108,7 @@ func cephOptions(cfg *config.Config) cephconn.Options {
 		User:           cfg.Ceph.User,
 		Keyring:        cfg.Ceph.Keyring,
 		ConnectTimeout: cfg.Ceph.ConnectTimeout.D(),
+		OpTimeout:      cfg.Ceph.OpTimeout.D(),
 		ConcurrentOps:  cfg.Flatten.ConcurrentOps,
 	}
 }

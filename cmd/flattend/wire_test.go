@@ -91,9 +91,10 @@ discovery:
 }
 
 func TestCephOptions(t *testing.T) {
-	cfg := parse(t, "discovery: {pools: [{pool: vms}]}\nceph: {conf: /c, user: u, keyring: /k, connect_timeout: 3s}\nflatten: {concurrent_ops: 4}\n")
+	cfg := parse(t, "discovery: {pools: [{pool: vms}]}\nceph: {conf: /c, user: u, keyring: /k, connect_timeout: 3s, op_timeout: 7s}\nflatten: {concurrent_ops: 4}\n")
 	o := cephOptions(cfg)
-	if o.ConfPath != "/c" || o.User != "u" || o.Keyring != "/k" || o.ConnectTimeout != 3*time.Second || o.ConcurrentOps != 4 {
+	if o.ConfPath != "/c" || o.User != "u" || o.Keyring != "/k" || o.ConnectTimeout != 3*time.Second ||
+		o.OpTimeout != 7*time.Second || o.ConcurrentOps != 4 {
 		t.Errorf("ceph options: %+v", o)
 	}
 }

@@ -25,6 +25,11 @@ type Options struct {
 	User           string // cephx id, without "client."
 	Keyring        string // empty: what ceph.conf says
 	ConnectTimeout time.Duration
+	// OpTimeout bounds every OSD op and mon command on the connection (rados_osd_op_timeout,
+	// rados_mon_op_timeout): a call to a cluster that stops answering fails with ETIMEDOUT
+	// instead of blocking for ever. 0 leaves OSD ops unbounded and mon commands at
+	// ConnectTimeout.
+	OpTimeout time.Duration
 	// ConcurrentOps is rbd_concurrent_management_ops for images opened on this connection: the
 	// number of object copy-ups a flatten keeps in flight.
 	ConcurrentOps int
@@ -44,10 +49,14 @@ func Dial(o Options) (*rados.Conn, error) {
 		set["keyring"] = o.Keyring
 	}
 	if o.ConnectTimeout > 0 {
-		secs := strconv.Itoa(max(1, int(o.ConnectTimeout.Round(time.Second)/time.Second)))
 		// Without these a dead monitor makes Connect and mon commands wait for minutes.
-		set["client_mount_timeout"] = secs
-		set["rados_mon_op_timeout"] = secs
+		set["client_mount_timeout"] = seconds(o.ConnectTimeout)
+		set["rados_mon_op_timeout"] = seconds(o.ConnectTimeout)
+	}
+	if o.OpTimeout > 0 {
+		// Without these, paused or unreachable OSDs block librbd and librados calls for ever.
+		set["rados_osd_op_timeout"] = seconds(o.OpTimeout)
+		set["rados_mon_op_timeout"] = seconds(o.OpTimeout)
 	}
 	if o.ConcurrentOps > 0 {
 		set["rbd_concurrent_management_ops"] = strconv.Itoa(o.ConcurrentOps)
@@ -70,6 +79,11 @@ func Dial(o Options) (*rados.Conn, error) {
 		return nil, fmt.Errorf("%w: connecting as client.%s: %v (%s)", ErrUnreachable, o.User, err, hint)
 	}
 	return conn, nil
+}
+
+// seconds is d for a librados option: whole seconds, at least 1.
+func seconds(d time.Duration) string {
+	return strconv.Itoa(max(1, int(d.Round(time.Second)/time.Second)))
 }
 
 // Errno returns the errno a go-ceph error carries. go-ceph errors hold the negative errno and do

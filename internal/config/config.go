@@ -81,6 +81,9 @@ type Ceph struct {
 	User           string   `yaml:"user"`    // cephx id: client.<user>
 	Keyring        string   `yaml:"keyring"` // empty: whatever ceph.conf says
 	ConnectTimeout Duration `yaml:"connect_timeout"`
+	// OpTimeout bounds each OSD op and mon command: a cluster that stops answering fails the
+	// call instead of wedging the node.
+	OpTimeout Duration `yaml:"op_timeout"`
 }
 
 // Lock names the image whose managed exclusive lock serialises flattens cluster-wide.
@@ -243,8 +246,9 @@ func Defaults() Config {
 		host = host[:i]
 	}
 	return Config{
-		Node:    host,
-		Ceph:    Ceph{Conf: "/etc/ceph/ceph.conf", User: "flattend", ConnectTimeout: Duration(30 * time.Second)},
+		Node: host,
+		Ceph: Ceph{Conf: "/etc/ceph/ceph.conf", User: "flattend", ConnectTimeout: Duration(30 * time.Second),
+			OpTimeout: Duration(30 * time.Second)},
 		Lock:    Lock{Pool: "rbd", Image: "flattend-lock", Slots: 1, CheckInterval: Duration(2 * time.Second)},
 		Window:  Window{Schedule: "0 1 * * *", Duration: Duration(5 * time.Hour)},
 		Backoff: Backoff{Min: Duration(2 * time.Second), Max: Duration(2 * time.Minute)},

@@ -44,6 +44,12 @@ const (
 	minDiscoveryInterval = time.Second
 	// maxRetryAfter: the scheduler caps the doubled wait at a day anyway.
 	maxRetryAfter = 24 * time.Hour
+	// minOpTimeout: a healthy cluster answers in milliseconds, but a PG that peers after an
+	// OSD restart holds ops for seconds; a timed-out copy-up fails the flatten.
+	minOpTimeout = 5 * time.Second
+	// maxOpTimeout: a stop waits for the calls in flight; the watchdog (WatchdogSec=5min in the
+	// unit) must outlast a few of them in a row.
+	maxOpTimeout = 2 * time.Minute
 )
 
 // minBytesPerSecond keeps the pause a paced flatten makes per object (4 MiB by default) short:
@@ -156,6 +162,7 @@ func (v *checker) ceph(c Ceph) {
 		v.bad("ceph.user", "%q: give the cephx id without \"client.\" (e.g. flattend)", c.User)
 	}
 	v.positive("ceph.connect_timeout", c.ConnectTimeout)
+	v.within("ceph.op_timeout", c.OpTimeout, minOpTimeout, maxOpTimeout)
 }
 
 func (v *checker) lock(l Lock) {

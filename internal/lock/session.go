@@ -81,6 +81,9 @@ type Session struct {
 	done chan struct{}
 	mu   sync.Mutex
 	err  error
+
+	closeOnce sync.Once
+	closed    chan struct{} // closed once Close has shut the connection down
 }
 
 // Hooks are told what Lock does, for logs.
@@ -99,7 +102,7 @@ func NewSession(dial Dialer, o Options, hooks Hooks) (*Session, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Session{conn: conn, done: make(chan struct{})}
+	s := &Session{conn: conn, done: make(chan struct{}), closed: make(chan struct{})}
 	s.mutex = &Mutex{conn: conn, o: o, lost: s.Observe, busy: hooks.Busy}
 	if err := s.mutex.Ensure(); err != nil {
 		conn.Shutdown()
@@ -156,12 +159,22 @@ func IsLoss(err error) bool { return errors.Is(err, ErrLost) || cephconn.IsBlock
 
 // Close stops the lock's watches and shuts the connection down, waiting until ctx ends for
 // librbd calls still running on it (a LockAcquire blocked behind a dead holder returns within
-// the watch timeout). If they do not finish, the connection is left open and an error says so.
+// the watch timeout). If they outlast ctx, Close returns an error and the connection is shut
+// down when they return: it is never left open. Close may be called again to wait for that.
 func (s *Session) Close(ctx context.Context) error {
 	s.Observe(fmt.Errorf("%w: session closed", ErrLost))
-	if err := s.mutex.Close(ctx); err != nil {
-		return err
+	s.closeOnce.Do(func() {
+		go func() { // owned by the session: ends when the last librbd call on it has returned
+			defer close(s.closed)
+			_ = s.mutex.Close(context.Background())
+			s.conn.Shutdown()
+		}()
+	})
+	select {
+	case <-s.closed:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("lock %s: a librbd call is still running (the connection is shut down when it returns): %w",
+			s.mutex.Name(), context.Cause(ctx))
 	}
-	s.conn.Shutdown()
-	return nil
 }

@@ -2,6 +2,7 @@ package scheduler
 
 import (
 	"context"
+	"sync/atomic"
 	"time"
 
 	"github.com/ceph/go-ceph/rados"
@@ -19,18 +20,28 @@ import (
 func CephConnector(dial lock.Dialer, log *zap.Logger) Connector {
 	return func(o lock.Options) (Locker, Flattener, error) {
 		log := log.With(zap.String("node", o.Node))
+		l := cephLocker{busy: new(atomic.Pointer[func(time.Duration)])}
 		busy := func(wait time.Duration) {
 			log.Debug("lock busy, backing off", zap.String("lock", o.Pool+"/"+o.Image), zap.Duration("wait", wait))
+			if f := l.busy.Load(); f != nil {
+				(*f)(wait)
+			}
 		}
 		sess, err := lock.NewSession(dial, o, lock.Hooks{Busy: busy})
 		if err != nil {
 			return nil, nil, err
 		}
-		return cephLocker{sess}, cephFlattener{sess.Conn()}, nil
+		l.s = sess
+		return l, cephFlattener{sess.Conn()}, nil
 	}
 }
 
-type cephLocker struct{ s *lock.Session }
+type cephLocker struct {
+	s    *lock.Session
+	busy *atomic.Pointer[func(wait time.Duration)] // told each wait for a busy slot
+}
+
+func (l cephLocker) onBusy(f func(wait time.Duration)) { l.busy.Store(&f) }
 
 func (l cephLocker) Lock(ctx context.Context) (Lease, error) {
 	lease, err := l.s.Lock(ctx)

@@ -29,7 +29,9 @@ type Locker interface {
 	Lock(ctx context.Context) (Lease, error)
 	// StopWaiting leaves the queue of waiters: this node has nothing more to do for now.
 	StopWaiting()
-	// Close ends the session, waiting until ctx ends for librbd calls still running.
+	// Close ends the session, waiting until ctx ends for librbd calls still running. If they
+	// outlast ctx it returns an error, and the connection is shut down when they return; Close
+	// may be called again to wait for that.
 	Close(ctx context.Context) error
 }
 
@@ -87,7 +89,7 @@ func (s *Scheduler) flattenClone(ctx context.Context, c discovery.Clone) error {
 		if err = s.job(ctx, sess, c); !errors.Is(err, errResume) {
 			return err
 		}
-		if err := sleep(ctx, bo.Next()); err != nil {
+		if err := s.pause(ctx, bo.Next()); err != nil {
 			return err
 		}
 	}
@@ -133,7 +135,10 @@ func (s *Scheduler) job(ctx context.Context, sess *session, c discovery.Clone) e
 		// Even if the loss shows only now: librbd detaches the parent only after every object
 		// is copied, and a fenced client cannot finish, so a finished flatten is complete.
 		if !isLost {
-			s.cleanupParent(sess, c)
+			// A failed release discarded sess (its connection is shut down): clean up on a new one.
+			if live, err := s.session(); err == nil {
+				s.cleanupParent(live, c)
+			}
 		}
 		return nil
 	case ctx.Err() == nil && isLost:

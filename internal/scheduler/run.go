@@ -19,6 +19,7 @@ var ErrWindowClosed = errors.New("the flatten window closed")
 // left of it. It returns nil when ctx ends.
 func (s *Scheduler) Run(ctx context.Context) error {
 	for {
+		s.live.tick()
 		s.applyReload()
 		now := time.Now()
 		open, end := s.cfg.Window.At(now)
@@ -48,6 +49,8 @@ func (s *Scheduler) waitForWindow(ctx context.Context, now time.Time) error {
 	s.setState("window closed; opens %s", next.Format(time.RFC3339))
 	t := time.NewTimer(time.Until(next))
 	defer t.Stop()
+	s.live.sleeping(time.Until(next))
+	defer s.live.tick()
 	select {
 	case <-t.C:
 	case <-s.reloaded:
@@ -129,7 +132,7 @@ func (s *Scheduler) workWindow(ctx context.Context) {
 				zap.Int("failed", len(sum.Failed)), zap.Duration("next_pass_in", wait))
 		}
 		s.setState("%s; next pass %s", sum.describe(err), time.Now().Add(wait).Format(time.RFC3339))
-		if sleep(ctx, wait) != nil {
+		if s.pause(ctx, wait) != nil {
 			return
 		}
 	}

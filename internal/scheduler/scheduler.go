@@ -77,14 +77,18 @@ type Scheduler struct {
 	sources []discovery.Source
 	log     *zap.Logger
 
-	sess    *session // nil until the first connect and after a loss
-	retries map[string]retry
-	budget  budget
+	sess *session // nil until the first connect and after a loss
+	// draining are discarded sessions whose Close outlasted closeWait: a librbd call still ran.
+	draining  []*session
+	closeWait time.Duration
+	retries   map[string]retry
+	budget    budget
 	// windowEnd is the open window's end in Unix nanoseconds (0 for `once`: no window); a reload
 	// may move it while a pass runs.
 	windowEnd atomic.Int64
 
 	progress progress
+	live     liveness
 
 	reloadMu sync.Mutex
 	pending  *reload
@@ -98,7 +102,7 @@ func New(cfg Config, connect Connector, sources []discovery.Source, log *zap.Log
 		cfg.Connect = connect
 	}
 	return &Scheduler{cfg: cfg, sources: sources, log: log.With(zap.String("node", cfg.Node)),
-		retries: map[string]retry{}, reloaded: make(chan struct{}, 1)}
+		retries: map[string]retry{}, reloaded: make(chan struct{}, 1), closeWait: 45 * time.Second}
 }
 
 // Connect makes the first session now, so that a daemon with a Ceph problem fails at start
@@ -117,7 +121,10 @@ func (s *Scheduler) session() (*session, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.sess = &session{Locker: locker, Flattener: fl}
+	if b, ok := locker.(busyHook); ok {
+		b.onBusy(s.live.sleeping)
+	}
+	s.sess = &session{Locker: locker, Flattener: fl, live: &s.live}
 	return s.sess, nil
 }
 
@@ -129,30 +136,44 @@ func (s *Scheduler) lockOptions() lock.Options {
 }
 
 // discard closes the current session after a loss. It waits for librbd calls still running on
-// it (a LockAcquire blocked behind a dead holder returns within the watch timeout).
+// it (a LockAcquire blocked behind a dead holder returns within the watch timeout); if they
+// outlast closeWait, the session is left draining: its connection is shut down when they
+// return, and Close waits for that.
 func (s *Scheduler) discard() {
-	ctx, cancel := context.WithTimeout(context.Background(), 45*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), s.closeWait)
 	defer cancel()
-	s.Close(ctx)
+	s.closeSession(ctx)
 }
 
-// Close closes the session, waiting until ctx ends for librbd calls still running on it; if they
-// do not finish, its connection is left open (the process is about to exit anyway).
-func (s *Scheduler) Close(ctx context.Context) {
+func (s *Scheduler) closeSession(ctx context.Context) {
 	if s.sess == nil {
 		return
 	}
 	sess := s.sess
 	s.sess = nil
 	if err := sess.Close(ctx); err != nil {
-		s.log.Warn("leaving a connection open", zap.Error(err))
+		s.log.Warn("connection still busy: it is shut down when its last librbd call returns", zap.Error(err))
+		s.draining = append(s.draining, sess)
 	}
 }
 
-// session is the Locker and the Flattener of one connection.
+// Close closes the session, and waits until ctx ends for it and for the sessions still draining
+// to shut their connections down. What outlasts ctx is left open (the process is about to exit).
+func (s *Scheduler) Close(ctx context.Context) {
+	s.closeSession(ctx)
+	for _, d := range s.draining {
+		if err := d.Close(ctx); err != nil {
+			s.log.Warn("leaving a connection open", zap.Error(err))
+		}
+	}
+	s.draining = nil
+}
+
+// session is the Locker and the Flattener of one connection. Its calls tick live (live.go).
 type session struct {
 	Locker
 	Flattener
+	live *liveness
 }
 
 // progress is what State and Stalled read about the running flatten.
@@ -181,14 +202,4 @@ func (s *Scheduler) State() string {
 func (s *Scheduler) setState(format string, args ...any) {
 	msg := fmt.Sprintf(format, args...)
 	s.progress.state.Store(&msg)
-}
-
-// Stalled reports how long the running flatten has gone without progress (0 when none runs or
-// it moved recently): a librbd call that hangs (say, on a full cluster) shows here.
-func (s *Scheduler) Stalled() time.Duration {
-	at := s.progress.at.Load()
-	if at == 0 {
-		return 0
-	}
-	return time.Since(time.Unix(0, at))
 }

@@ -12,7 +12,7 @@
 # or a real cluster. Only the PIDs recorded under DIR are ever killed.
 set -euo pipefail
 
-PKGS=(gcc libc6-dev ceph-mon ceph-osd ceph-mgr ceph-common librbd-dev librados-dev uuid-runtime python3 iproute2 libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-storage-rbd libvirt-clients qemu-system-x86)
+PKGS=(gcc libc6-dev ceph-mon ceph-osd ceph-mgr ceph-common librbd-dev librados-dev uuid-runtime python3 iproute2 libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-storage-rbd libvirt-clients qemu-system-x86 systemd)
 
 log() { echo "cluster.sh: $*" >&2; }
 

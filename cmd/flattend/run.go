@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/flattend/flattend/internal/config"
+	"github.com/flattend/flattend/internal/flattener"
 	"github.com/flattend/flattend/internal/metrics"
 	"github.com/flattend/flattend/internal/scheduler"
 )
@@ -18,6 +19,7 @@ import (
 // runDaemon is `flattend run`: it connects, then works in every window until SIGTERM.
 func runDaemon(ctx context.Context, e *env, _ options) int {
 	m := metrics.New(e.cfg.Node)
+	m.BuildInfo(version, revision(), flattener.CephVersion())
 	sched, code := startScheduler(e, schedulerExtras{metrics: m})
 	if sched == nil {
 		return code

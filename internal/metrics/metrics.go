@@ -33,6 +33,7 @@ type Metrics struct {
 	passClones    *prometheus.GaugeVec
 	windowOpen    prometheus.Gauge
 	lockLost      prometheus.Counter
+	buildInfo     *prometheus.GaugeVec
 	verified      prometheus.Counter
 	copiedUp      prometheus.Counter
 }
@@ -76,13 +77,15 @@ func New(node string) *Metrics {
 		Help: "1 while the flatten window is open."})
 	m.lockLost = prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_lock_lost_total", ConstLabels: constLabels,
 		Help: "Times this node lost a held lock (fenced, cut off) and reconnected."})
+	m.buildInfo = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "flattend_build_info", ConstLabels: constLabels,
+		Help: "Always 1: flattend's version and commit, and the Ceph version of the librbd it runs with."}, []string{"version", "revision", "librbd"})
 	m.verified = prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_copyup_objects_verified_total", ConstLabels: constLabels,
 		Help: "Objects looked up in RADOS before a flatten because the object map says they exist (librbd without the fix of Ceph tracker 68998)."})
 	m.copiedUp = prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_lost_copyups_repaired_total", ConstLabels: constLabels,
 		Help: "Objects an interrupted flatten had lost, copied up from the parent before the flatten."})
 	for _, c := range []prometheus.Collector{m.started, m.ended, m.copied, m.duration, m.lockWait, m.lockHeld, m.progress,
 		m.gateClosed, m.discoveryTime, m.discovered, m.discoveryErrs, m.passClones, m.windowOpen, m.lockLost,
-		m.verified, m.copiedUp} {
+		m.buildInfo, m.verified, m.copiedUp} {
 		f(c)
 	}
 	for _, g := range []string{"health", "recovery", "space"} {
@@ -216,5 +219,12 @@ func (m *Metrics) CopyupsVerified(checked, copiedUp int) {
 	if m != nil {
 		m.verified.Add(float64(checked))
 		m.copiedUp.Add(float64(copiedUp))
+	}
+}
+
+// BuildInfo sets flattend_build_info, so that a mixed fleet shows in one query.
+func (m *Metrics) BuildInfo(version, revision, librbd string) {
+	if m != nil {
+		m.buildInfo.WithLabelValues(version, revision, librbd).Set(1)
 	}
 }

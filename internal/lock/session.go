@@ -100,7 +100,7 @@ func NewSession(dial Dialer, o Options, hooks Hooks) (*Session, error) {
 		return nil, err
 	}
 	s := &Session{conn: conn, done: make(chan struct{})}
-	s.mutex = &Mutex{conn: conn, o: o, lost: s.Observe, busy: hooks.Busy}
+	s.mutex = &Mutex{conn: conn, o: o, lost: s.Observe, busy: hooks.Busy, now: time.Now}
 	if err := s.mutex.Ensure(); err != nil {
 		conn.Shutdown()
 		return nil, err

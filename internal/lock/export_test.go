@@ -6,4 +6,4 @@ import "time"
 func SetClock(m *Mutex, now func() time.Time) { m.now = now }
 
 // QueueKey is the omap key a waiter with client id id would write at queue position seq.
-func QueueKey(seq, id uint64) string { return queueKey(time.Unix(0, int64(seq)), id) }
+func QueueKey(seq, id uint64) string { return queueKey(seq, id) }

@@ -92,6 +92,7 @@ type Mutex struct {
 	// ends then).
 	lost func(error)
 	busy func(wait time.Duration) // Hooks.Busy
+	warn func(msg string)         // Hooks.Warn
 	now  func() time.Time         // this node's clock; tests move it
 
 	// inflight counts librbd calls still running after their caller gave up (a LockAcquire that

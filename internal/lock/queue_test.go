@@ -118,7 +118,7 @@ func TestJunkQueueEntriesDoNotBlock(t *testing.T) {
 	}
 	for _, w := range q {
 		if strings.ContainsAny(w.Node, "\x1b\x00") || len(w.Node) > 1000 || w.Node == "old-format" || w.Node == "elsewhere" {
-			t.Errorf("status lists a junk entry: %q", w.Node)
+			t.Errorf("status lists a junk entry: %.80q", w.Node)
 		}
 	}
 	if err := l.Unlock(); err != nil {

@@ -22,7 +22,8 @@ func CephConnector(dial lock.Dialer, log *zap.Logger) Connector {
 		busy := func(wait time.Duration) {
 			log.Debug("lock busy, backing off", zap.String("lock", o.Pool+"/"+o.Image), zap.Duration("wait", wait))
 		}
-		sess, err := lock.NewSession(dial, o, lock.Hooks{Busy: busy})
+		warn := func(msg string) { log.Warn(msg, zap.String("lock", o.Pool+"/"+o.Image)) }
+		sess, err := lock.NewSession(dial, o, lock.Hooks{Busy: busy, Warn: warn})
 		if err != nil {
 			return nil, nil, err
 		}

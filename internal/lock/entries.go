@@ -2,6 +2,7 @@ package lock
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -88,6 +89,16 @@ func printable(s string) bool {
 	return true
 }
 
+// opError returns the error of a whole operation as librados gave it (ENOENT for a missing
+// object), not go-ceph's wrapper, which errors.Is cannot see through.
+func opError(err error) error {
+	var oe rados.OperationError
+	if errors.As(err, &oe) && oe.OpError != nil {
+		return oe.OpError
+	}
+	return err
+}
+
 // queueRead is what one read of the queue found.
 type queueRead struct {
 	entries []waiterEntry // the first valid entries, in queue order
@@ -107,7 +118,7 @@ func readQueue(ioctx *rados.IOContext, oid, image string, n int, key string) (qu
 		if first && key != "" {
 			mine = op.GetOmapValuesByKeys([]string{key})
 		}
-		err := op.Operate(ioctx, oid, rados.OperationNoFlag)
+		err := opError(op.Operate(ioctx, oid, rados.OperationNoFlag))
 		if err == nil && mine != nil {
 			var kv *rados.OmapKeyValue
 			kv, err = mine.Next()

@@ -207,7 +207,9 @@ func (m *Mutex) fenced(spec, owner string) error {
 
 // lockOwner returns the owner of img's lock, if any, and whether it still watches the image: a
 // live holder. An owner without a watch is dead (its watch timed out), and only LockAcquire
-// breaks its lock; on any doubt this says not live and LockAcquire decides.
+// breaks its lock; on any doubt this says not live and LockAcquire decides. A dead owner is
+// returned only if it still owns the lock after its watch was found gone: a holder that releases
+// cleanly unlocks before it unwatches, so it is never taken for a dead one (and fenced).
 func lockOwner(img *rbd.Image) (owner string, live bool) {
 	owners, err := img.LockGetOwners()
 	if err != nil || len(owners) == 0 {
@@ -222,6 +224,9 @@ func lockOwner(img *rbd.Image) (owner string, live bool) {
 		if w.Addr == owner {
 			return owner, true
 		}
+	}
+	if owners, err = img.LockGetOwners(); err != nil || len(owners) == 0 || owners[0].Owner != owner {
+		return "", false
 	}
 	return owner, false
 }

@@ -91,24 +91,7 @@ func TestJunkQueueEntriesDoNotBlock(t *testing.T) {
 	waitQueued(t, holder, image, 1)
 
 	admin := cephtest.IOContext(t, cephtest.Connect(t))
-	ghost := func(node string) []byte {
-		b, _ := json.Marshal(map[string]string{"node": node, "wake": lock.WakeObject(image, node)})
-		return b
-	}
-	junk := map[string][]byte{
-		"w.0000000000000000000.00000000000000000001": ghost("old-format"),
-		"w.":                     []byte("{"),
-		"w.\x1b[2J\x00evil":      []byte("\x1b[31m"),
-		"q.":                     []byte("{"),
-		"q.\x1b[2J\x00evil":      ghost("hostile-key"),
-		lock.QueueKey(0, 1):      []byte("not json \x1b[31m"),
-		lock.QueueKey(0, 2):      []byte(`{"node":"elsewhere","wake":"` + image + `"}`), // the lock image itself
-		lock.QueueKey(0, 3):      []byte(`{"node":"big","wake":"` + strings.Repeat("x", 1<<20) + `"}`),
-		lock.QueueKey(0, 4) + "": []byte(`{"node":"` + strings.Repeat("n", 1<<20) + `"}`),
-	}
-	for i := range 6 { // well-formed but dead: nobody answers for them
-		junk[lock.QueueKey(uint64(i), uint64(100+i))] = ghost(fmt.Sprintf("dead%d", i))
-	}
+	junk := junkEntries(image)
 	if err := admin.SetOmap(lock.HandoverObject(image), junk); err != nil {
 		t.Fatal(err)
 	}
@@ -134,6 +117,30 @@ func TestJunkQueueEntriesDoNotBlock(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = wl.Unlock()
+}
+
+// junkEntries are queue entries no flattend writes, and well-formed ones of dead waiters, all
+// placed before any live waiter.
+func junkEntries(image string) map[string][]byte {
+	ghost := func(node string) []byte {
+		b, _ := json.Marshal(map[string]string{"node": node, "wake": lock.WakeObject(image, node)})
+		return b
+	}
+	junk := map[string][]byte{
+		"w.0000000000000000000.00000000000000000001": ghost("old-format"),
+		"w.":                     []byte("{"),
+		"w.\x1b[2J\x00evil":      []byte("\x1b[31m"),
+		"q.":                     []byte("{"),
+		"q.\x1b[2J\x00evil":      ghost("hostile-key"),
+		lock.QueueKey(0, 1):      []byte("not json \x1b[31m"),
+		lock.QueueKey(0, 2):      []byte(`{"node":"elsewhere","wake":"` + image + `"}`), // the lock image itself
+		lock.QueueKey(0, 3):      []byte(`{"node":"big","wake":"` + strings.Repeat("x", 1<<20) + `"}`),
+		lock.QueueKey(0, 4) + "": []byte(`{"node":"` + strings.Repeat("n", 1<<20) + `"}`),
+	}
+	for i := range 6 { // well-formed but dead: nobody answers for them
+		junk[lock.QueueKey(uint64(i), uint64(100+i))] = ghost(fmt.Sprintf("dead%d", i))
+	}
+	return junk
 }
 
 // Status lists every waiter, however many there are (omap reads come in pages).

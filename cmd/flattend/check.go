@@ -37,6 +37,7 @@ func check(cfg *config.Config, dial func() (*rados.Conn, error), stdout, stderr 
 	if !checkLock(cfg, conn, stdout, stderr) {
 		code = exitFailure
 	}
+	checkFencing(cfg, conn, stdout, stderr)
 	for _, p := range cfg.Discovery.Pools {
 		if !checkPool(conn, p, stdout, stderr) {
 			code = exitFailure
@@ -70,6 +71,32 @@ func checkLock(cfg *config.Config, conn *rados.Conn, stdout, stderr io.Writer) b
 		fmt.Fprintf(stdout, "lock: %s does not exist yet; the first run creates it\n", m.Name())
 	}
 	return true
+}
+
+// checkFencing says how long Ceph blocklists a holder whose lock was broken, and warns when that
+// is shorter than a flatten may last (window.duration: a flatten ends with its window at the
+// latest) or when this key cannot read the blocklist. Warnings do not fail the check.
+func checkFencing(cfg *config.Config, conn *rados.Conn, stdout, stderr io.Writer) {
+	const opt = "mon_osd_blocklist_default_expire"
+	limit := cfg.Window.Duration.D()
+	d, known, err := lock.BlocklistExpiry(conn)
+	switch {
+	case err != nil:
+		fmt.Fprintf(stderr, "warning: fencing: cannot read %s: %v\n", opt, err)
+	case !known:
+		fmt.Fprintf(stdout, "fencing: %s is not in the config database, so it is Ceph's default (1h) unless the monitors' "+
+			"own ceph.conf sets it (this key cannot see that); it should be at least window.duration %s\n", opt, limit)
+	case d < limit:
+		fmt.Fprintf(stderr, "warning: fencing: %s is %s, shorter than window.duration %s (the longest a flatten may last): "+
+			"a fenced holder that wakes up after its blocklist expired could write again; raise it: ceph config set mon %s %d\n",
+			opt, d, limit, opt, int(limit.Seconds()))
+	default:
+		fmt.Fprintf(stdout, "fencing: %s %s ok (window.duration %s)\n", opt, d, limit)
+	}
+	if _, _, err := lock.Blocklisted(conn, ""); err != nil {
+		fmt.Fprintf(stderr, "warning: fencing: cannot read the blocklist (%v): a node that takes over from a dead holder "+
+			"cannot verify that it is fenced\n", err)
+	}
 }
 
 // checkPool checks that a discovery pool (and its namespace) can be opened.

@@ -46,7 +46,7 @@ Usage:
                                           who holds the cluster-wide lock, on what, how far
   flattend plan   [--config PATH] [--json]
                                           this node's clones in flatten order, and why (changes nothing)
-  flattend unlock --force [--slot N] [--yes] [--config PATH]
+  flattend unlock --force [--force-live] [--slot N] [--yes] [--config PATH]
                                           break a stuck holder's lock (blocklists its client)
   flattend version                        flattend's version, the librbd it runs with, the workarounds on
 
@@ -64,6 +64,7 @@ type options struct {
 	image       string        // once
 	ignoreGates bool          // once
 	force, yes  bool          // unlock
+	forceLive   bool          // unlock
 	slot        int           // unlock
 }
 

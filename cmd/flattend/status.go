@@ -26,12 +26,16 @@ func runStatus(_ context.Context, e *env, o options) int {
 
 func showStatus(cfg *config.Config, dial func() (*rados.Conn, error), asJSON bool, stdout, stderr io.Writer) int {
 	return withSlots(cfg, dial, stderr, func(conn *rados.Conn, slots []lock.SlotStatus) int {
-		waiting, err := lock.ReadQueue(conn, cfg.Lock.Pool, cfg.Lock.Image)
+		q, err := lock.ReadQueueAll(conn, cfg.Lock.Pool, cfg.Lock.Image)
 		if err != nil {
 			fmt.Fprintln(stderr, err)
 			return exitFailure
 		}
-		return printStatus(slots, waiting, asJSON, stdout)
+		if n := len(q.Ignored); n > 0 {
+			fmt.Fprintf(stderr, "warning: the queue holds %d entries flattend did not write (ignored; the next release removes them), first %q\n",
+				n, q.Ignored[0])
+		}
+		return printStatus(slots, q.Waiters, asJSON, stdout)
 	})
 }
 

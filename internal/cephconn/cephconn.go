@@ -44,7 +44,12 @@ func Dial(o Options) (*rados.Conn, error) {
 	if err := conn.ReadConfigFile(o.ConfPath); err != nil {
 		return nil, fmt.Errorf("%w: reading %s: %v (check ceph.conf)", ErrUnreachable, o.ConfPath, err)
 	}
-	set := map[string]string{}
+	set := map[string]string{
+		// Fencing must not depend on a node's ceph.conf: a lock this client breaks blocklists
+		// its holder, for the monitors' default time (see internal/lock/fence.go).
+		"rbd_blocklist_on_break_lock":  "true",
+		"rbd_blocklist_expire_seconds": "0",
+	}
 	if o.Keyring != "" {
 		set["keyring"] = o.Keyring
 	}

@@ -2,8 +2,6 @@ package lock
 
 import (
 	"encoding/json"
-	"fmt"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -16,51 +14,37 @@ import (
 // images, and a small "wake" object per node that only that node watches.
 //
 //  1. A node that finds every slot busy queues itself: one omap key on the handover object,
-//     "w.<since>.<client id>", so that keys sort by when their node began waiting.
+//     "q.<seq>.<client id>". The seq is the object version the OSD returned for the node's
+//     ticket write on that object, so keys sort by when the OSD saw their node arrive, whatever
+//     the nodes' clocks say (entries.go).
 //  2. A holder that releases a slot notifies the first entry's wake object "grant <key>". Only
 //     that node tries the lock now; it takes its entry off once it holds a slot, so the waiters
 //     behind it keep deferring to it meanwhile. A waiter that does not ack (dead, cut off) loses
-//     its place, and the next entry is tried.
+//     its place, and the next entry is tried. Entries flattend did not write are skipped and
+//     removed, never notified.
 //  3. Waiters still poll with their backoff (a lost notification, a holder that died), but a
 //     queued waiter touches the lock images only when it is among the first `slots` entries; the
 //     others read the head of the queue, and drop entries there whose node does not answer a ping,
 //     so a dead waiter at the head cannot stall the queue behind a dead holder.
 //
 // A handover so costs the same few operations however many nodes wait (an omap read and removal,
-// one notification and its ack), and nodes are served in the order they began waiting.
+// one notification and its ack), and nodes are served in the order they arrived.
 
 // notifyTimeout bounds how long a notification waits for its ack: a live watcher acks at once, a
 // dead node's watch lingers until it times out and would otherwise hold the notifier.
 const notifyTimeout = time.Second
 
 const (
-	msgGrant    = "grant "
-	msgPing     = "ping "
-	queuePrefix = "w."
-	// grantTries bounds how many queue entries one release tries before leaving the slot to polls.
+	msgGrant = "grant "
+	msgPing  = "ping "
+	// grantTries bounds how many waiters that do not answer (each costs notifyTimeout) one release
+	// tries before leaving the slot to polls.
 	grantTries = 3
+	// grantEntries bounds how many entries one release looks at, answering or not.
+	grantEntries = 32
+	// ticketAttr is the xattr each waiter writes on the handover object to get its place.
+	ticketAttr = "flattend.ticket"
 )
-
-// queueEntry is the value of a waiter's omap key: where to wake it, and who it is for people.
-type queueEntry struct {
-	Node string `json:"node,omitempty"`
-	Wake string `json:"wake"`
-}
-
-func queueKey(since time.Time, id uint64) string {
-	return fmt.Sprintf("%s%019d.%020d", queuePrefix, since.UnixNano(), id)
-}
-
-// parseQueueKey returns the client id and the waiting start of a queue key.
-func parseQueueKey(key string) (id uint64, since time.Time, ok bool) {
-	ns, i, found := strings.Cut(strings.TrimPrefix(key, queuePrefix), ".")
-	if !found {
-		return 0, time.Time{}, false
-	}
-	n, err1 := strconv.ParseInt(ns, 10, 64)
-	id, err2 := strconv.ParseUint(i, 10, 64)
-	return id, time.Unix(0, n), err1 == nil && err2 == nil
-}
 
 // handover is this node's place in the queue and its watch on its wake object. The watch doubles
 // as this connection's health check (see Lease.confirm).
@@ -70,6 +54,8 @@ func parseQueueKey(key string) (id uint64, since time.Time, ok bool) {
 // handler would wait behind.
 type handover struct {
 	ioctx   *rados.IOContext
+	wctx    *rados.IOContext // the writer's own: its last object version is the ticket's
+	image   string
 	queue   string // the handover object
 	wakeOID string
 	node    string
@@ -80,31 +66,44 @@ type handover struct {
 	quit    chan struct{}
 	done    sync.WaitGroup
 	onWake  func()
+	warn    func(string)
 
 	mu      sync.Mutex
-	want    string // the entry this node wants in the queue; empty when it is not waiting
-	written string // the entry sync last wrote (or is writing); empty when none
-	grants  int    // grants answered since the last takeGrants
+	waiting bool      // this node wants a place in the queue
+	since   time.Time // when it began waiting, by its own clock: shown, never ordered by
+	key     string    // its entry while waiting: set by the first write of the wait, kept till it ends
+	written string    // the entry sync last wrote (or is writing); empty when none
+	grants  int       // grants answered since the last takeGrants
 }
 
-func startHandover(conn *rados.Conn, pool, queue, wakeOID, node string, onWake func()) (*handover, error) {
+func startHandover(conn *rados.Conn, pool, image, wakeOID, node string, onWake func(), warn func(string)) (*handover, error) {
 	ioctx, err := conn.OpenIOContext(pool)
 	if err != nil {
 		return nil, err
 	}
-	for _, oid := range []string{queue, wakeOID} {
-		if err := ioctx.Create(oid, rados.CreateIdempotent); err != nil {
-			ioctx.Destroy()
-			return nil, err
-		}
-	}
-	w, err := ioctx.Watch(wakeOID)
+	wctx, err := conn.OpenIOContext(pool)
 	if err != nil {
 		ioctx.Destroy()
 		return nil, err
 	}
-	h := &handover{ioctx: ioctx, queue: queue, wakeOID: wakeOID, node: node, self: conn.GetInstanceID(),
-		watcher: w, wake: make(chan struct{}, 1), kick: make(chan struct{}, 1), quit: make(chan struct{}), onWake: onWake}
+	fail := func(err error) (*handover, error) {
+		wctx.Destroy()
+		ioctx.Destroy()
+		return nil, err
+	}
+	queue := HandoverObject(image)
+	for _, oid := range []string{queue, wakeOID} {
+		if err := ioctx.Create(oid, rados.CreateIdempotent); err != nil {
+			return fail(err)
+		}
+	}
+	w, err := ioctx.Watch(wakeOID)
+	if err != nil {
+		return fail(err)
+	}
+	h := &handover{ioctx: ioctx, wctx: wctx, image: image, queue: queue, wakeOID: wakeOID, node: node,
+		self: conn.GetInstanceID(), watcher: w, wake: make(chan struct{}, 1), kick: make(chan struct{}, 1),
+		quit: make(chan struct{}), onWake: onWake, warn: warn}
 	h.done.Add(2)
 	go h.listen() // both end when stop closes quit
 	go h.writer()
@@ -140,7 +139,8 @@ func (h *handover) handle(ev rados.NotifyEvent) {
 	// A grantee keeps its entry until it holds a slot (TryLock then takes it off): meanwhile the
 	// waiters behind it still see it first in line and do not poll.
 	h.mu.Lock()
-	mine := h.want != "" && (msg == msgGrant+h.want || msg == msgPing+h.want)
+	want := h.queuedLocked()
+	mine := want != "" && (msg == msgGrant+want || msg == msgPing+want)
 	granted := mine && strings.HasPrefix(msg, msgGrant)
 	if granted {
 		h.grants++
@@ -160,32 +160,53 @@ func (h *handover) handle(ev rados.NotifyEvent) {
 	}
 }
 
-// enqueue asks for this node's entry, in the place its waiting start gives it.
+// enqueue asks for a place in the queue for this node; a node already waiting keeps its place.
 func (h *handover) enqueue(since time.Time) {
-	h.setWant(queueKey(since, h.self))
+	h.mu.Lock()
+	if !h.waiting {
+		h.waiting, h.since = true, since
+	}
+	h.mu.Unlock()
+	h.poke()
 }
 
 // dequeue asks for this node's entry to go.
-func (h *handover) dequeue() { h.setWant("") }
-
-func (h *handover) setWant(key string) {
+func (h *handover) dequeue() {
 	h.mu.Lock()
-	changed := h.want != key || h.written != key
-	h.want = key
+	h.waiting, h.key = false, ""
 	h.mu.Unlock()
-	if changed {
-		select {
-		case h.kick <- struct{}{}:
-		default:
-		}
+	h.poke()
+}
+
+func (h *handover) poke() {
+	select {
+	case h.kick <- struct{}{}:
+	default:
 	}
 }
 
-// queued returns the entry this node wants, empty when it is not waiting.
+// queued returns this node's entry, empty when it is not waiting or not written yet.
 func (h *handover) queued() string {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.want
+	return h.queuedLocked()
+}
+
+func (h *handover) queuedLocked() string {
+	if !h.waiting {
+		return ""
+	}
+	return h.key
+}
+
+// lostEntry notes that key is no longer in the queue (someone dropped it while this node was
+// alive): the next enqueue writes it again, in its old place.
+func (h *handover) lostEntry(key string) {
+	h.mu.Lock()
+	if h.written == key {
+		h.written = ""
+	}
+	h.mu.Unlock()
 }
 
 // takeGrants returns how many grants this node answered since the last call.
@@ -215,154 +236,65 @@ func (h *handover) writer() {
 func (h *handover) sync() {
 	for range 4 {
 		h.mu.Lock()
-		want, written := h.want, h.written
+		waiting, key, written, since := h.waiting, h.key, h.written, h.since
 		h.mu.Unlock()
+		if waiting && key == "" {
+			k, err := h.ticket()
+			if err != nil {
+				return
+			}
+			h.mu.Lock()
+			if h.waiting && h.key == "" {
+				h.key = k
+			}
+			h.mu.Unlock()
+			continue
+		}
+		want := ""
+		if waiting {
+			want = key
+		}
 		if want == written {
 			return
 		}
+		op := rados.CreateWriteOp()
 		if written != "" {
-			if err := h.ioctx.RmOmapKeys(h.queue, []string{written}); err != nil {
-				return
-			}
+			op.RmOmapKeys([]string{written})
 		}
 		if want != "" {
-			v, _ := json.Marshal(queueEntry{Node: h.node, Wake: h.wakeOID})
-			if err := h.ioctx.SetOmap(h.queue, map[string][]byte{want: v}); err != nil {
-				h.mu.Lock()
-				if h.written == written {
-					h.written = ""
-				}
-				h.mu.Unlock()
-				return
-			}
+			v, _ := json.Marshal(queueEntry{Node: h.node, Wake: h.wakeOID, Since: since.UTC()})
+			op.SetOmap(map[string][]byte{want: v})
 		}
+		err := op.Operate(h.wctx, h.queue, rados.OperationNoFlag)
+		op.Release()
 		h.mu.Lock()
 		if h.written == written {
 			h.written = want
+			if err != nil {
+				h.written = "" // unknown: the next kick writes it again
+			}
 		}
 		h.mu.Unlock()
+		if err != nil {
+			return
+		}
 	}
 }
 
-// head reads the first n entries of the queue, in order, and whether key is still queued.
-// Entries that do not decode keep their place and have no wake object: nobody answers for them,
-// so the next release or poller drops them.
-func (h *handover) head(n int, key string) (keys []string, values map[string]queueEntry, queued bool, err error) {
-	op := rados.CreateReadOp()
+// ticket writes to the handover object and returns the key of this node's place: the version
+// the OSD gave the object for that write orders it after every earlier write, whoever made it.
+func (h *handover) ticket() (string, error) {
+	op := rados.CreateWriteOp()
 	defer op.Release()
-	first := op.GetOmapValues("", queuePrefix, uint64(n))
-	var mine *rados.ReadOpOmapGetValsByKeysStep
-	if key != "" {
-		mine = op.GetOmapValuesByKeys([]string{key})
+	op.SetXattr(ticketAttr, []byte(strconv.FormatUint(h.self, 10)))
+	if err := op.Operate(h.wctx, h.queue, rados.OperationNoFlag); err != nil {
+		return "", err
 	}
-	if err := op.Operate(h.ioctx, h.queue, rados.OperationNoFlag); err != nil {
-		return nil, nil, false, err
-	}
-	values = map[string]queueEntry{}
-	for {
-		kv, err := first.Next()
-		if err != nil {
-			return nil, nil, false, err
-		}
-		if kv == nil {
-			break
-		}
-		var e queueEntry
-		_ = json.Unmarshal(kv.Value, &e)
-		keys = append(keys, kv.Key)
-		values[kv.Key] = e
-	}
-	slices.Sort(keys)
-	if mine != nil {
-		kv, err := mine.Next()
-		if err != nil {
-			return nil, nil, false, err
-		}
-		queued = kv != nil
-	}
-	return keys, values, queued, nil
-}
-
-// answers notifies a queued node's wake object and reports whether it answered for that entry.
-func (h *handover) answers(key string, e queueEntry, msg string) bool {
-	if e.Wake == "" {
-		return false
-	}
-	acks, _, _ := h.ioctx.NotifyWithTimeout(e.Wake, []byte(msg+key), notifyTimeout)
-	for _, a := range acks {
-		if len(a.Response) > 0 {
-			return true
-		}
-	}
-	return false
-}
-
-// release hands a freed slot to the first waiter that answers, and reports whether one did and
-// how many notifications that took.
-func (h *handover) release() (granted bool, notifies int) {
-	keys, values, _, err := h.head(grantTries+1, "")
+	v, err := h.wctx.GetLastVersion()
 	if err != nil {
-		return false, 0
+		return "", err
 	}
-	own := h.queued()
-	tries := 0
-	for _, k := range keys {
-		if tries == grantTries {
-			break
-		}
-		if k == own {
-			continue
-		}
-		tries++
-		notifies++
-		if h.answers(k, values[k], msgGrant) {
-			// The grantee takes its entry off when it holds the slot; until then it stays first.
-			return true, notifies
-		}
-		// A waiter that does not answer is gone for good.
-		if h.ioctx.RmOmapKeys(h.queue, []string{k}) != nil {
-			return false, notifies
-		}
-	}
-	return false, notifies
-}
-
-// mayPoll says whether this node, queued, should try the lock images now: yes when fewer than
-// `slots` live waiters are ahead of it, or when it is no longer queued (a releaser or a poller
-// took its entry; it queues again when it finds every slot busy). Entries ahead of it whose node
-// does not answer a ping are dropped.
-func (h *handover) mayPoll(slots int) bool {
-	key := h.queued()
-	if key == "" {
-		return true
-	}
-	for range 3 {
-		keys, values, queued, err := h.head(slots, key)
-		if err != nil || !queued {
-			if err == nil {
-				h.mu.Lock()
-				if h.written == key {
-					h.written = "" // gone from the queue: the next Wait writes it again
-				}
-				h.mu.Unlock()
-			}
-			return true
-		}
-		if slices.Contains(keys, key) {
-			return true
-		}
-		dropped := false
-		for _, k := range keys {
-			if !h.answers(k, values[k], msgPing) {
-				_ = h.ioctx.RmOmapKeys(h.queue, []string{k})
-				dropped = true
-			}
-		}
-		if !dropped {
-			return false // live waiters ahead
-		}
-	}
-	return true
+	return queueKey(v, h.self), nil
 }
 
 func (h *handover) stop() {
@@ -376,5 +308,6 @@ func (h *handover) stop() {
 	if h.node == "" {
 		_ = h.ioctx.Delete(h.wakeOID) // named after this connection: nobody will use it again
 	}
+	h.wctx.Destroy()
 	h.ioctx.Destroy()
 }

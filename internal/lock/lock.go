@@ -92,6 +92,8 @@ type Mutex struct {
 	// ends then).
 	lost func(error)
 	busy func(wait time.Duration) // Hooks.Busy
+	warn func(msg string)         // Hooks.Warn
+	now  func() time.Time         // this node's clock; tests move it
 
 	// inflight counts librbd calls still running after their caller gave up (a LockAcquire that
 	// blocks behind a dead holder cannot be interrupted) and notifications being sent.
@@ -121,7 +123,7 @@ func New(conn *rados.Conn, o Options) (*Mutex, error) {
 	if err := o.validate(); err != nil {
 		return nil, err
 	}
-	return &Mutex{conn: conn, o: o}, nil
+	return &Mutex{conn: conn, o: o, now: time.Now}, nil
 }
 
 // Name is "pool/image" (of slot 0), with the slot count when there are several.

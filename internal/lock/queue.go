@@ -12,7 +12,7 @@ import (
 func (m *Mutex) wait() {
 	m.mu.Lock()
 	if m.waitingSince.IsZero() {
-		m.waitingSince = time.Now()
+		m.waitingSince = m.now()
 	}
 	h, since := m.hand, m.waitingSince
 	m.mu.Unlock()

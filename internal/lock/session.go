@@ -90,6 +90,9 @@ type Session struct {
 type Hooks struct {
 	// Busy is told each wait while every slot is busy.
 	Busy func(wait time.Duration)
+	// Warn is told what the lock met that an operator should know of: junk in the queue, a
+	// holder whose fencing could not be verified.
+	Warn func(msg string)
 }
 
 // NewSession dials, prepares the lock images (creating them when missing) and starts watching
@@ -103,7 +106,7 @@ func NewSession(dial Dialer, o Options, hooks Hooks) (*Session, error) {
 		return nil, err
 	}
 	s := &Session{conn: conn, done: make(chan struct{}), closed: make(chan struct{})}
-	s.mutex = &Mutex{conn: conn, o: o, lost: s.Observe, busy: hooks.Busy}
+	s.mutex = &Mutex{conn: conn, o: o, lost: s.Observe, busy: hooks.Busy, warn: hooks.Warn, now: time.Now}
 	if err := s.mutex.Ensure(); err != nil {
 		conn.Shutdown()
 		return nil, err

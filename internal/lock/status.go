@@ -4,8 +4,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"maps"
-	"slices"
 	"strconv"
 	"time"
 
@@ -68,76 +66,120 @@ func ReadStatus(conn *rados.Conn, pool, image string, slots int) ([]SlotStatus, 
 // Waiter is a node queued for a slot, as any node can read it.
 type Waiter struct {
 	Node  string    `json:"node"`
-	Since time.Time `json:"waiting_since"`
+	Since time.Time `json:"waiting_since"` // by the waiter's own clock (the order is the cluster's)
+}
+
+// Queue is the queue of waiters as any node can read it.
+type Queue struct {
+	Waiters []Waiter
+	// Ignored are the keys under the queue's prefix that flattend did not write (printed %q
+	// when shown): nobody is notified for them, and the next release removes them.
+	Ignored []string
 }
 
 // ReadQueue lists the nodes waiting for a slot, in the order releases will serve them. A node
 // that died while waiting stays listed until its turn comes and it does not answer. It changes
 // nothing.
 func ReadQueue(conn *rados.Conn, pool, image string) ([]Waiter, error) {
+	q, err := ReadQueueAll(conn, pool, image)
+	return q.Waiters, err
+}
+
+// ReadQueueAll is ReadQueue with the entries it ignored.
+func ReadQueueAll(conn *rados.Conn, pool, image string) (Queue, error) {
 	ioctx, err := cephconn.OpenPool(conn, pool)
 	if err != nil {
-		return nil, err
+		return Queue{}, err
 	}
 	defer ioctx.Destroy()
-	vals, err := ioctx.GetAllOmapValues(HandoverObject(image), "", queuePrefix, 256)
+	r, err := readQueue(ioctx, HandoverObject(image), image, 0, "")
 	if errors.Is(err, rados.ErrNotFound) {
-		return nil, nil
+		return Queue{}, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("reading the queue on %s/%s: %w", pool, HandoverObject(image), cephconn.WithHint(err))
+		return Queue{}, fmt.Errorf("reading the queue on %s/%s: %w", pool, HandoverObject(image), cephconn.WithHint(err))
 	}
-	keys := slices.Sorted(maps.Keys(vals))
-	var out []Waiter
-	for _, k := range keys {
-		id, since, ok := parseQueueKey(k)
-		if !ok {
-			continue
-		}
-		var e queueEntry
-		_ = json.Unmarshal(vals[k], &e)
-		w := Waiter{Node: e.Node, Since: since.UTC()}
+	q := Queue{Ignored: r.junk}
+	for _, e := range r.entries {
+		w := Waiter{Node: e.Node, Since: e.Since.UTC()}
 		if w.Node == "" {
-			w.Node = "client." + strconv.FormatUint(id, 10)
+			w.Node = "client." + strconv.FormatUint(e.id, 10)
 		}
-		out = append(out, w)
+		q.Waiters = append(q.Waiters, w)
 	}
-	return out, nil
+	return q, nil
 }
 
 // ErrNotHeld is returned by Break when the slot has no owner to break.
 var ErrNotHeld = errors.New("the lock is not held")
 
-// Break breaks the managed exclusive lock of one slot, for an operator whose holder is stuck: as
-// librbd does when it takes a lock over, the owner's client is blocklisted first, so a holder
-// that is only slow cannot go on writing. The holder's record stays on the lock image: the next
-// holder sees it and repairs the clone it was flattening before anything else. owner must be the
-// owner the operator confirmed (from ReadStatus); if the lock changed hands since, nothing is
-// broken and an error says so.
-func Break(conn *rados.Conn, pool, image string, slot int, owner string) error {
+// Locker is the client that owns a slot's lock, as Ceph lists it (not as a record says).
+type Locker struct {
+	Client string // its client id, "client.4157"
+	Addr   string // its address, what the blocklist names
+	// Watching is true while it watches the lock image: its connection is alive.
+	Watching bool
+}
+
+// ReadLocker reads who owns slot's lock; a zero Locker when nobody does.
+func ReadLocker(conn *rados.Conn, pool, image string, slot int) (Locker, error) {
+	img, done, err := openSlot(conn, pool, image, slot)
+	if err != nil {
+		return Locker{}, err
+	}
+	defer done()
+	_, lockers, err := img.ListLockers()
+	if err != nil {
+		return Locker{}, fmt.Errorf("lockers of %s/%s: %w", pool, SlotImage(image, slot), cephconn.WithHint(err))
+	}
+	if len(lockers) == 0 {
+		return Locker{}, nil
+	}
+	l := Locker{Client: lockers[0].Client, Addr: lockers[0].Addr}
+	_, l.Watching = lockOwner(img)
+	return l, nil
+}
+
+func openSlot(conn *rados.Conn, pool, image string, slot int) (*rbd.Image, func(), error) {
 	ioctx, err := cephconn.OpenPool(conn, pool)
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
-	defer ioctx.Destroy()
 	name := SlotImage(image, slot)
 	img, err := rbd.OpenImage(ioctx, name, rbd.NoSnapshot)
 	if err != nil {
-		return fmt.Errorf("opening lock image %s/%s: %w", pool, name, cephconn.WithHint(err))
+		ioctx.Destroy()
+		return nil, nil, fmt.Errorf("opening lock image %s/%s: %w", pool, name, cephconn.WithHint(err))
 	}
-	defer img.Close()
+	return img, func() { _ = img.Close(); ioctx.Destroy() }, nil
+}
+
+// Break breaks the managed exclusive lock of one slot, for an operator whose holder is stuck: as
+// librbd does when it takes a lock over, the owner's client is blocklisted first, so a holder
+// that is only slow cannot go on writing; then Break checks the blocklist (Fence) and returns
+// when the entry expires. An error wrapping ErrFenceUnverified or ErrNotFenced comes after the
+// lock was broken. The holder's record stays on the lock image: the next holder sees it and
+// repairs the clone it was flattening before anything else. owner must be the address the
+// operator confirmed (from ReadLocker); if the lock changed hands since, nothing is broken.
+func Break(conn *rados.Conn, pool, image string, slot int, owner string) (time.Time, error) {
+	img, done, err := openSlot(conn, pool, image, slot)
+	if err != nil {
+		return time.Time{}, err
+	}
+	defer done()
+	spec := pool + "/" + SlotImage(image, slot)
 	owners, err := img.LockGetOwners()
 	if err != nil && !errors.Is(err, rbd.ErrNotFound) {
-		return fmt.Errorf("lock owners of %s/%s: %w", pool, name, cephconn.WithHint(err))
+		return time.Time{}, fmt.Errorf("lock owners of %s: %w", spec, cephconn.WithHint(err))
 	}
 	if len(owners) == 0 {
-		return fmt.Errorf("%s/%s: %w", pool, name, ErrNotHeld)
+		return time.Time{}, fmt.Errorf("%s: %w", spec, ErrNotHeld)
 	}
 	if owners[0].Owner != owner {
-		return fmt.Errorf("%s/%s: the lock changed hands (now %s, not %s): nothing broken", pool, name, owners[0].Owner, owner)
+		return time.Time{}, fmt.Errorf("%s: the lock changed hands (now %s, not %s): nothing broken", spec, owners[0].Owner, owner)
 	}
 	if err := img.LockBreak(owners[0].Mode, owner); err != nil {
-		return fmt.Errorf("breaking the lock of %s/%s held by %s: %w", pool, name, owner, cephconn.WithHint(err))
+		return time.Time{}, fmt.Errorf("breaking the lock of %s held by %s: %w", spec, owner, cephconn.WithHint(err))
 	}
-	return nil
+	return Fence(conn, owner)
 }

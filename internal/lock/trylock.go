@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/ceph/go-ceph/rbd"
 
@@ -155,7 +156,8 @@ func (m *Mutex) acquire(name string) (*rbd.Image, error) {
 		return nil, fmt.Errorf("opening lock image %s: %w", spec, wrapErr(err))
 	}
 	m.count(func(s *Stats) { s.Attempts++ })
-	if heldByLiveClient(img) {
+	owner, live := lockOwner(img)
+	if live {
 		// Asking librbd would send the owner a lock request and wait for its answer, which a
 		// busy owner (a paced flatten blocks its librbd thread) gives only seconds later.
 		_ = img.Close()
@@ -163,6 +165,14 @@ func (m *Mutex) acquire(name string) (*rbd.Image, error) {
 	}
 	err = img.LockAcquire(rbd.LockModeExclusive)
 	if err == nil {
+		if owner != "" {
+			// librbd broke a dead owner's lock: make sure it is fenced before using the slot.
+			if err := m.fenced(spec, owner); err != nil {
+				_ = img.LockRelease()
+				_ = img.Close()
+				return nil, err
+			}
+		}
 		return img, nil
 	}
 	_ = img.Close()
@@ -175,24 +185,50 @@ func (m *Mutex) acquire(name string) (*rbd.Image, error) {
 	return nil, fmt.Errorf("acquiring lock on %s: %w", spec, wrapErr(err))
 }
 
-// heldByLiveClient reports whether img's lock has an owner that still watches the image: a live
-// holder. An owner without a watch is dead (its watch timed out), and only LockAcquire breaks its
-// lock; on any doubt this says no and LockAcquire decides.
-func heldByLiveClient(img *rbd.Image) bool {
+// fenced checks that owner, whose lock on spec librbd just broke, is blocklisted. A blocklist
+// this key may not read is a warning; an owner that is not blocklisted (and cannot be added)
+// is an error, and the slot is not used.
+func (m *Mutex) fenced(spec, owner string) error {
+	until, err := Fence(m.conn, owner)
+	switch {
+	case errors.Is(err, ErrFenceUnverified):
+		if m.warn != nil {
+			m.warn(fmt.Sprintf("took over %s from a dead holder, but %v", spec, err))
+		}
+		return nil
+	case err != nil:
+		return fmt.Errorf("took over %s from a dead holder: %w: not using the slot", spec, err)
+	}
+	if m.warn != nil && time.Until(until) < 5*time.Minute {
+		m.warn(fmt.Sprintf("took over %s: its previous holder %s is blocklisted only until %s", spec, owner, until.Format(time.RFC3339)))
+	}
+	return nil
+}
+
+// lockOwner returns the owner of img's lock, if any, and whether it still watches the image: a
+// live holder. An owner without a watch is dead (its watch timed out), and only LockAcquire
+// breaks its lock; on any doubt this says not live and LockAcquire decides. A dead owner is
+// returned only if it still owns the lock after its watch was found gone: a holder that releases
+// cleanly unlocks before it unwatches, so it is never taken for a dead one (and fenced).
+func lockOwner(img *rbd.Image) (owner string, live bool) {
 	owners, err := img.LockGetOwners()
 	if err != nil || len(owners) == 0 {
-		return false
+		return "", false
 	}
+	owner = owners[0].Owner
 	watchers, err := img.ListWatchers()
 	if err != nil {
-		return false
+		return owner, false
 	}
 	for _, w := range watchers {
-		if w.Addr == owners[0].Owner {
-			return true
+		if w.Addr == owner {
+			return owner, true
 		}
 	}
-	return false
+	if owners, err = img.LockGetOwners(); err != nil || len(owners) == 0 || owners[0].Owner != owner {
+		return "", false
+	}
+	return owner, false
 }
 
 // wrapErr marks errors that mean this connection is dead as ErrLost as well.

@@ -27,7 +27,8 @@ func CephConnector(dial lock.Dialer, log *zap.Logger) Connector {
 				(*f)(wait)
 			}
 		}
-		sess, err := lock.NewSession(dial, o, lock.Hooks{Busy: busy})
+		warn := func(msg string) { log.Warn(msg, zap.String("lock", o.Pool+"/"+o.Image)) }
+		sess, err := lock.NewSession(dial, o, lock.Hooks{Busy: busy, Warn: warn})
 		if err != nil {
 			return nil, nil, err
 		}

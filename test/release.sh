@@ -15,7 +15,7 @@
 # up to date when cluster.sh's package list changes. Delete the directory to start afresh.
 #
 # CMD runs as root in a mount and PID namespace of its own (unshare): /proc, /dev, /sys, a fresh
-# /tmp, this repository (at the same path, with its git directory read-only), the host's Go
+# /tmp and /run, this repository (at the same path, with its git directory read-only), the host's Go
 # (read-only at /usr/local/go) and Go module cache (read-only, GOPROXY=off) are mounted there only.
 # When CMD ends, or this script is killed, the namespace's processes are killed and its mounts
 # vanish with it: nothing is left mounted or running on the host. bin/ is a directory per release
@@ -68,10 +68,13 @@ in_ns() {
 	unshare --mount --pid --fork --kill-child --propagation private -- bash -c '
 		set -e
 		d=$1; shift
+		mount --bind "$d" "$d" # the chroot'"'"'s / a mount point of its own (ip netns remounts it)
 		mount -t proc proc "$d/proc"
 		mount --rbind /dev "$d/dev"
 		mount --rbind /sys "$d/sys"
 		mount -t tmpfs -o mode=1777 tmp "$d/tmp"
+		mount -t tmpfs -o mode=755 run "$d/run"
+		mkdir -p "$d/run/lock"
 		"$@"
 	' in_ns "$dir" "$@"
 }

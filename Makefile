@@ -13,6 +13,18 @@ export FLATTEND_BIN := $(CURDIR)/bin/flattend
 
 .PHONY: all deps build test unit lint bench demo clean
 
+# The release the tests are told they run on (test/e2e checks `flattend version` against it):
+# test/release.sh sets it in its chroots; here it is the host's, from its librbd.h.
+FLATTEND_TEST_CEPH_RELEASE ?= $(if $(LIBRBD_MINOR),$(word $(LIBRBD_MINOR),x x x x x x x x x x x x x x x pacific quincy reef squid tentacle))
+export FLATTEND_TEST_CEPH_RELEASE
+
+ifneq ($(CEPH),)
+# make test CEPH=reef (or tentacle): the same target, run inside a cached Debian chroot with that
+# release's Ceph (test/release.sh); the host's Ceph, bin/ and processes are left alone.
+all deps build test unit lint bench demo:
+	bash test/release.sh $(CEPH) make --no-print-directory $@ $(if $(BENCH_ARGS),BENCH_ARGS='$(BENCH_ARGS)')
+else
+
 all: build
 
 deps: ## Debian packages for building and for the local test cluster
@@ -49,6 +61,8 @@ bench: build ## measurements against a throwaway local cluster: a table and benc
 
 demo: build ## several simulated nodes flattening in turn on a throwaway local cluster
 	bash test/demo.sh
+
+endif
 
 clean:
 	rm -rf bin

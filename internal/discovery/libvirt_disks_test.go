@@ -2,6 +2,7 @@ package discovery_test
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -71,10 +72,20 @@ func TestLibvirtMalformedDiskSkipped(t *testing.T) {
 	cephtest.Clone(t, ioctx, d2, pre+"-c2", "")
 
 	// ("pool/" is left to the unit test: libvirt stores it as "pool/(null)", a well-formed name.)
-	bad := []string{P + "/x/y/z", P + "//" + pre + "-disk1", P + "/a\tb", P + "/c@"}
-	var disks []string
-	for i, name := range bad {
-		disks = append(disks, libvirttest.RBDDisk("vd"+string(rune('b'+i)), name, "disk", ""))
+	// A name the libvirtd refuses at define time never reaches discovery: probe each alone first.
+	var bad, disks []string
+	for i, name := range []string{P + "/x/y/z", P + "//" + pre + "-disk1", P + "/a\tb", P + "/c@"} {
+		disk := libvirttest.RBDDisk("vd"+string(rune('b'+len(bad))), name, "disk", "")
+		probe := fmt.Sprintf("%s-probe%d", pre, i)
+		if err := lv.TryDefineDisks(t, probe, disk); err != nil {
+			t.Logf("this libvirtd refuses %q at define (nothing to discover): %v", name, err)
+			continue
+		}
+		lv.Virsh(t, "undefine", probe)
+		bad, disks = append(bad, name), append(disks, disk)
+	}
+	if len(bad) == 0 {
+		t.Fatal("this libvirtd refuses every malformed name: the test shows nothing")
 	}
 	lv.DefineDisks(t, pre+"-vm1", append([]string{libvirttest.RBDDisk("vda", P+"/"+pre+"-disk1", "disk", "")}, disks...)...)
 	lv.Define(t, pre+"-vm2", P+"/"+pre+"-disk2")

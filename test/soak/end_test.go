@@ -71,14 +71,17 @@ func (s *soak) endPhase(obsDone <-chan struct{}, stopObserver context.CancelFunc
 		rep.FaultsTotal += n
 	}
 	rep.Observer = s.obs.stats()
+	if rep.Observer.FailedRounds > 0 { // its calls wait out a pause: nothing should fail
+		t.Errorf("the observer failed %d rounds: %q", rep.Observer.FailedRounds, rep.Observer.Errors)
+	}
 	if rep.Observer.MaxConcurrent == 0 {
 		t.Errorf("the observer saw no flatten at all: it is broken")
 	}
 	rep.DurationS = time.Since(s.began).Seconds()
 	rep.Passed = !t.Failed()
-	t.Logf("soak report: %d faults %v, restarts %v, %d handovers, max %d flattens at once (%s), %d clones flat and intact, drain %.0f s, stops %v, observer %d rounds (%d torn, %d failed, longest gap %.1f s)",
+	t.Logf("soak report: %d faults %v, restarts %v, %d handovers, max %d flattens at once (%s), %d clones flat and intact, drain %.0f s, stops %v, observer %d rounds (%d torn, %d failed %q, longest gap %.1f s)",
 		rep.FaultsTotal, rep.Faults, rep.Restarts, rep.Observer.Handovers, rep.Observer.MaxConcurrent, rep.Observer.MaxAt,
-		rep.Clones, rep.DrainS, rep.StopS, rep.Observer.Rounds, rep.Observer.TornRounds, rep.Observer.FailedRounds, rep.Observer.LongestGapS)
+		rep.Clones, rep.DrainS, rep.StopS, rep.Observer.Rounds, rep.Observer.TornRounds, rep.Observer.FailedRounds, rep.Observer.Errors, rep.Observer.LongestGapS)
 	writeJSON(t, rep)
 }
 

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"sync"
 	"syscall"
+	"testing"
 	"time"
 )
 
@@ -49,12 +50,24 @@ flatten: {concurrent_ops: 1, max_bytes_per_second: %dMiB}
 discovery: {pools: [{pool: flattend-test}], interval: 2s}
 metrics: {listen: ""}
 log: {level: debug, format: json}
-`, name, os.Getenv("FLATTEND_TEST_CEPH_CONF"), lockImage, slots, paceMiB)
+`, name, os.Getenv("FLATTEND_TEST_CEPH_CONF"), lockImage, nodeSlots(s.t), paceMiB)
 	p := filepath.Join(s.logDir, name+".yaml")
 	if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
 		s.t.Fatal(err)
 	}
 	return p
+}
+
+// nodeSlots is the nodes' lock.slots: slots, or FLATTEND_SOAK_NODE_SLOTS to check the observer
+// itself (with 3 the soak must fail: the observer still allows 2).
+func nodeSlots(t *testing.T) int {
+	n := slots
+	if v := os.Getenv("FLATTEND_SOAK_NODE_SLOTS"); v != "" {
+		if _, err := fmt.Sscan(v, &n); err != nil {
+			t.Fatalf("FLATTEND_SOAK_NODE_SLOTS=%q: %v", v, err)
+		}
+	}
+	return n
 }
 
 // start starts a new process of the node, its log in the soak's log directory.

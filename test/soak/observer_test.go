@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -57,7 +58,9 @@ type obsStats struct {
 	Handovers       int      `json:"handovers"`
 	DeadOwnerRounds int      `json:"rounds_with_a_dead_lock_owner"`
 	Unconfirmed     int      `json:"unconfirmed_rounds"`
-	Violations      []string `json:"violations"`
+	Errors          []string `json:"errors"` // of failed rounds, the first few distinct`
+	ViolationCount  int      `json:"violation_count"`
+	Violations      []string `json:"violations"` // the first 10
 }
 
 // owner is a live lock owner: the lock's client and cookie, and its address.
@@ -131,9 +134,7 @@ func (o *observer) run(ctx context.Context) <-chan struct{} {
 			}
 			o.openSlots()
 			if err := o.observe(i); err != nil {
-				o.mu.Lock()
-				o.st.FailedRounds++
-				o.mu.Unlock()
+				o.failed(err)
 				continue
 			}
 			o.mu.Lock()
@@ -158,4 +159,14 @@ func (o *observer) openSlots() {
 		name = fmt.Sprintf("%s.%d", lockImage, have)
 	}
 	_, _ = o.watch(name, true)
+}
+
+// failed counts a round that could not be read (the OSDs paused, or a call timed out).
+func (o *observer) failed(err error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.st.FailedRounds++
+	if len(o.st.Errors) < 5 && !slices.Contains(o.st.Errors, err.Error()) {
+		o.st.Errors = append(o.st.Errors, err.Error())
+	}
 }

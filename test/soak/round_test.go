@@ -1,6 +1,7 @@
 package soak
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"sort"
@@ -147,15 +148,19 @@ func (o *observer) dropFenced(r *round) error {
 	if err != nil {
 		return err
 	}
-	var bl []struct {
-		Addr string `json:"addr"`
-	}
-	if err := json.Unmarshal(out, &bl); err != nil {
-		return err
-	}
+	// Pacific prints the address blocklist, then the range blocklist: two JSON arrays.
 	fenced := map[string]bool{}
-	for _, b := range bl {
-		fenced[bareAddr(b.Addr)] = true
+	dec := json.NewDecoder(bytes.NewReader(out))
+	for dec.More() {
+		var bl []struct {
+			Addr string `json:"addr"`
+		}
+		if err := dec.Decode(&bl); err != nil {
+			return fmt.Errorf("osd blocklist ls: %w", err)
+		}
+		for _, b := range bl {
+			fenced[bareAddr(b.Addr)] = true
+		}
 	}
 	for c, w := range r.flattens {
 		if fenced[bareAddr(w.addr)] {
@@ -191,10 +196,11 @@ func (o *observer) violation(format string, args ...any) {
 
 func (o *observer) violationLocked(format string, args ...any) {
 	v := fmt.Sprintf(format, args...)
-	if len(o.st.Violations) < 50 {
+	o.st.ViolationCount++
+	if len(o.st.Violations) < 10 { // the first ones tell the story; a wrong cluster repeats them
 		o.st.Violations = append(o.st.Violations, v)
+		o.t.Errorf("observer: %s", v)
 	}
-	o.t.Errorf("observer: %s", v)
 }
 
 func (o *observer) stats() obsStats {

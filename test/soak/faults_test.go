@@ -103,7 +103,10 @@ func (s *soak) fault(kind string, n *node, rng *rand.Rand) bool {
 	if n != nil {
 		what += " " + n.name
 	}
-	s.logf("fault: %s for %s", what, hold.Round(100*time.Millisecond))
+	if hold > 0 {
+		what += fmt.Sprintf(" for %s", hold.Round(100*time.Millisecond))
+	}
+	s.logf("fault: %s", what)
 	switch kind {
 	case kill9:
 		return n.signal(syscall.SIGKILL)

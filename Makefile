@@ -11,7 +11,7 @@ GOFLAGS_TAGS = $(if $(GO_TAGS),-tags $(GO_TAGS),)
 export GO_TAGS
 export FLATTEND_BIN := $(CURDIR)/bin/flattend
 
-.PHONY: all deps build test unit lint bench demo clean
+.PHONY: all deps build test unit lint bench soak demo clean
 
 # The release the tests are told they run on (test/e2e checks `flattend version` against it):
 # test/release.sh sets it in its chroots; here it is the host's, from its librbd.h.
@@ -58,6 +58,12 @@ lint: build
 
 bench: build ## measurements against a throwaway local cluster: a table and bench/results/*.json (BENCH_ARGS="-benches lock …" picks)
 	bash test/run.sh $(GO) run $(GOFLAGS_TAGS) ./bench $(BENCH_ARGS)
+
+SOAK_DURATION ?= 10m
+SOAK_TIMEOUT ?= 45m
+soak: build ## 4 nodes, 2 slots, random kill -9/SIGSTOP/network cuts/osd pause for SOAK_DURATION (root: network namespaces); bench/results/soak.json
+	FLATTEND_SOAK=1 FLATTEND_SOAK_DURATION=$(SOAK_DURATION) FLATTEND_SOAK_RESULTS=$(CURDIR)/bench/results/soak.json \
+		$(GO) test $(GOFLAGS_TAGS) -count=1 -v -run '^TestSoak$$' -timeout $(SOAK_TIMEOUT) ./test/soak/
 
 demo: build ## several simulated nodes flattening in turn on a throwaway local cluster
 	bash test/demo.sh

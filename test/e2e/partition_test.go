@@ -13,84 +13,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/flattend/flattend/test/netlab"
 )
-
-// netLab is a private network of network namespaces: a bridge in a namespace of its own, a
-// namespace for the Ceph cluster and one per simulated hypervisor, on a /24 that exists only
-// inside them. Cutting a host's link is a real partition: its packets vanish (timeouts, not
-// refusals), as when a switch port dies.
-type netLab struct {
-	t      *testing.T
-	prefix string // namespace names start with it
-	subnet string // "10.a.b."
-	bridge string
-	ns     map[string]string // host → namespace
-	ip     map[string]string // host → address
-}
-
-func newNetLab(t *testing.T, hosts ...string) *netLab {
-	t.Helper()
-	if out, err := exec.Command("ip", "netns", "list").CombinedOutput(); err != nil || os.Geteuid() != 0 {
-		t.Skipf("network namespaces unavailable here (need root and iproute2): %v %s", err, out)
-	}
-	id := rand.N(1 << 16)
-	l := &netLab{t: t, prefix: fmt.Sprintf("fl%04x-", id), subnet: fmt.Sprintf("10.%d.%d.", 200+id%50, id%250),
-		ns: map[string]string{}, ip: map[string]string{}}
-	l.bridge = l.prefix + "br"
-	t.Cleanup(l.destroy)
-	l.run("ip", "netns", "add", l.bridge)
-	l.run("ip", "-n", l.bridge, "link", "add", "br0", "type", "bridge")
-	l.run("ip", "-n", l.bridge, "link", "set", "br0", "up")
-	for i, h := range hosts {
-		ns := l.prefix + h
-		l.ns[h], l.ip[h] = ns, fmt.Sprintf("%s%d", l.subnet, i+1)
-		l.run("ip", "netns", "add", ns)
-		l.run("ip", "-n", l.bridge, "link", "add", "v-"+h, "type", "veth", "peer", "name", "e0", "netns", ns)
-		l.run("ip", "-n", l.bridge, "link", "set", "v-"+h, "master", "br0", "up")
-		l.run("ip", "-n", ns, "addr", "add", l.ip[h]+"/24", "dev", "e0")
-		l.run("ip", "-n", ns, "link", "set", "e0", "up")
-		l.run("ip", "-n", ns, "link", "set", "lo", "up")
-	}
-	return l
-}
-
-func (l *netLab) run(args ...string) string {
-	l.t.Helper()
-	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
-	if err != nil {
-		l.t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
-
-// in returns a command that runs inside host's namespace.
-func (l *netLab) in(host string, env []string, args ...string) *exec.Cmd {
-	cmd := exec.Command("ip", append([]string{"netns", "exec", l.ns[host]}, args...)...)
-	cmd.Env = append(os.Environ(), env...)
-	return cmd
-}
-
-func (l *netLab) cut(host string)  { l.run("ip", "-n", l.bridge, "link", "set", "v-"+host, "down") }
-func (l *netLab) heal(host string) { l.run("ip", "-n", l.bridge, "link", "set", "v-"+host, "up") }
-
-func (l *netLab) destroy() {
-	for _, ns := range append(mapValues(l.ns), l.bridge) {
-		if pids, err := exec.Command("ip", "netns", "pids", ns).Output(); err == nil {
-			for _, pid := range strings.Fields(string(pids)) {
-				_ = exec.Command("kill", "-9", pid).Run()
-			}
-		}
-		_ = exec.Command("ip", "netns", "del", ns).Run()
-	}
-}
-
-func mapValues(m map[string]string) []string {
-	var vs []string
-	for _, v := range m {
-		vs = append(vs, v)
-	}
-	return vs
-}
 
 // Cut the holder's link in the middle of its flatten: the other node takes over after the watch
 // timeout (breaking the lock blocklists the cut node), and once the link is back the cut node
@@ -101,10 +26,13 @@ func TestPartitionedHolderIsFencedAndRecovers(t *testing.T) {
 	if os.Getenv("FLATTEND_TEST_CEPH_AUTH") == "cephx" {
 		t.Skip("runs its own cluster: once per `make test`, in the auth-none pass")
 	}
-	lab := newNetLab(t, "ceph", "h1", "h2")
+	if why := netlab.Available(); why != "" {
+		t.Skipf("network namespaces unavailable here (need root and iproute2): %s", why)
+	}
+	lab := netlab.New(t, "ceph", "h1", "h2")
 	dir := t.TempDir()
 	clusterDir := filepath.Join(dir, "cluster")
-	start := lab.in("ceph", nil, "bash", "../cluster.sh", "start", clusterDir, "--addr", lab.ip["ceph"], "--memstore-gib", "2")
+	start := lab.In("ceph", nil, "bash", "../cluster.sh", "start", clusterDir, "--addr", lab.IP["ceph"], "--memstore-gib", "2")
 	out, err := start.Output()
 	if err != nil {
 		t.Fatalf("starting the cluster inside its namespace: %v\n%s", err, out)
@@ -114,7 +42,7 @@ func TestPartitionedHolderIsFencedAndRecovers(t *testing.T) {
 	env := []string{"CEPH_CONF=" + conf}
 	ceph := func(args ...string) string {
 		t.Helper()
-		out, err := lab.in("ceph", env, args...).CombinedOutput()
+		out, err := lab.In("ceph", env, args...).CombinedOutput()
 		if err != nil {
 			t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
 		}
@@ -156,7 +84,7 @@ log: {level: debug, format: json}
 		if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
 			t.Fatal(err)
 		}
-		procs[h] = startCmd(t, lab.in(h, nil, binary, "run", "--config", cfg))
+		procs[h] = startCmd(t, lab.In(h, nil, binary, "run", "--config", cfg))
 	}
 
 	// Whoever flattens first is the one we cut.
@@ -176,17 +104,17 @@ log: {level: debug, format: json}
 	other = map[string]string{"h1": "h2", "h2": "h1"}[holder]
 	procs[holder].waitFor(t, time.Minute, "progress", func(e event) bool { return e.Msg == "flatten progress" })
 	cutAt := time.Now()
-	lab.cut(holder)
+	lab.Cut(holder)
 	t.Logf("cut %s at %s", holder, cutAt.Format(time.StampMilli))
 
 	takeover := procs[other].waitFor(t, 2*time.Minute, "the takeover", func(e event) bool { return e.Msg == "flatten started" })
 	t.Logf("%s took over %s after the cut", other, takeover.TS.Sub(cutAt).Round(time.Millisecond))
 	// The cut node's client is fenced before the other node flattens.
-	if bl := ceph("ceph", "osd", "blocklist", "ls"); !strings.Contains(bl, lab.ip[holder]+":0/") {
-		t.Errorf("the cut node %s (%s) is not blocklisted after the takeover:\n%s", holder, lab.ip[holder], bl)
+	if bl := ceph("ceph", "osd", "blocklist", "ls"); !strings.Contains(bl, lab.IP[holder]+":0/") {
+		t.Errorf("the cut node %s (%s) is not blocklisted after the takeover:\n%s", holder, lab.IP[holder], bl)
 	}
 	time.Sleep(2 * time.Second)
-	lab.heal(holder)
+	lab.Heal(holder)
 	healAt := time.Now()
 
 	procs[holder].waitFor(t, 2*time.Minute, "the cut node noticing its loss", func(e event) bool { return e.Msg == "lock lost, reconnecting" })

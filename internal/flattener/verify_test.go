@@ -67,7 +67,7 @@ func TestVerifyCopyupsLeavesTheClientsLockAlone(t *testing.T) {
 	if _, err := vm.WriteAt([]byte("vm"), 5*64<<10); err != nil { // takes the exclusive lock
 		t.Fatal(err)
 	}
-	before := lockers(t, ioctx, clone)
+	before := cephtest.Lockers(t, ioctx, clone)
 	if len(before) != 1 {
 		t.Fatalf("lockers before = %q, want the VM", before)
 	}
@@ -75,7 +75,7 @@ func TestVerifyCopyupsLeavesTheClientsLockAlone(t *testing.T) {
 	if err != nil || !slices.Equal(v.CopiedUp, []uint64{100}) {
 		t.Fatalf("VerifyCopyups = %+v, %v; want object 100 copied up", v, err)
 	}
-	if after := lockers(t, ioctx, clone); !slices.Equal(after, before) {
+	if after := cephtest.Lockers(t, ioctx, clone); !slices.Equal(after, before) {
 		t.Fatalf("the clone's lock moved: lockers %q before, %q after", before, after)
 	}
 	if _, err := vm.WriteAt([]byte("vm2"), 6*64<<10); err != nil {
@@ -127,24 +127,6 @@ func TestVerifyCopyupsDataPoolAndStriping(t *testing.T) {
 		t.Fatal(err)
 	}
 	cephtest.AssertFlatAndIntact(t, ioctx, p, clone)
-}
-
-func lockers(t *testing.T, ioctx *rados.IOContext, image string) []string {
-	t.Helper()
-	img, err := rbd.OpenImageReadOnly(ioctx, image, rbd.NoSnapshot)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer img.Close()
-	_, ls, err := img.ListLockers()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []string
-	for _, l := range ls {
-		out = append(out, l.Client+" "+l.Cookie)
-	}
-	return out
 }
 
 func writeAt(t *testing.T, ioctx *rados.IOContext, image string, off int64, b []byte) {

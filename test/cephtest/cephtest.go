@@ -410,3 +410,23 @@ func Mutex(t testing.TB, conn *rados.Conn, o lock.Options) *lock.Mutex {
 	}
 	return m
 }
+
+// Lockers lists image's lock owners as "client cookie" (a running VM's librbd owns its clone's
+// exclusive lock), read from RADOS.
+func Lockers(t testing.TB, ioctx *rados.IOContext, image string) []string {
+	t.Helper()
+	img, err := rbd.OpenImageReadOnly(ioctx, image, rbd.NoSnapshot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	_, ls, err := img.ListLockers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, l := range ls {
+		out = append(out, l.Client+" "+l.Cookie)
+	}
+	return out
+}

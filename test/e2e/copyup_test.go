@@ -114,7 +114,7 @@ func TestInUseAllowKeepsTheVMsLock(t *testing.T) {
 	if _, err := vm.WriteAt([]byte("vm"), 5<<16); err != nil { // takes the clone's exclusive lock
 		t.Fatal(err)
 	}
-	owner := imageLockers(t, ioctx, clone)
+	owner := cephtest.Lockers(t, ioctx, clone)
 	if len(owner) != 1 {
 		t.Fatalf("lockers %q, want the VM", owner)
 	}
@@ -125,7 +125,7 @@ func TestInUseAllowKeepsTheVMsLock(t *testing.T) {
 	if !strings.Contains(out, "librbd hands the flatten to the client that owns its lock") {
 		t.Error("once did not say that the VM's client runs the flatten")
 	}
-	if got := imageLockers(t, ioctx, clone); !slices.Equal(got, owner) {
+	if got := cephtest.Lockers(t, ioctx, clone); !slices.Equal(got, owner) {
 		t.Errorf("the clone's lock moved from the VM: %q before, %q after", owner, got)
 	}
 	if cephtest.IsClone(t, ioctx, clone) {
@@ -145,24 +145,6 @@ func TestInUseAllowKeepsTheVMsLock(t *testing.T) {
 	if string(got[:2]) != "vm" {
 		t.Errorf("the VM's write reads %q", got[:2])
 	}
-}
-
-func imageLockers(t *testing.T, ioctx *rados.IOContext, image string) []string {
-	t.Helper()
-	img, err := rbd.OpenImageReadOnly(ioctx, image, rbd.NoSnapshot)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer img.Close()
-	_, ls, err := img.ListLockers()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []string
-	for _, l := range ls {
-		out = append(out, l.Client+" "+l.Cookie)
-	}
-	return out
 }
 
 func readImage(t *testing.T, ioctx *rados.IOContext, image, snap string, off int64, b []byte) {

@@ -2,8 +2,11 @@
 # Proves the README's first step on a machine that has never seen this project: a Debian 12
 # (bookworm) minbase chroot with only git, make and ca-certificates, plus Go at /usr/local/go (the
 # host's, read-only, as the README asks a newcomer to install it). It clones this repository's
-# HEAD (committed work only) and runs `make demo` once, as root; the Debian packages come from
-# the mirror apt uses here and Go modules from the Go module proxy, into empty caches.
+# HEAD (committed work only) and runs `make demo` once, as root, with empty package and module
+# caches. Debian packages come from the mirror apt uses here. Go modules come from a Go module
+# proxy: by default the host's module download cache, served read-only as a file:// proxy (the
+# same files, in the proxy's layout), so the proof does not depend on this machine's TLS trust
+# store; FLATTEND_FRESH_GOPROXY=https://proxy.golang.org fetches them from the network instead.
 #
 #   test/fresh-machine.sh [make-target...]     default: demo
 #
@@ -38,21 +41,24 @@ fi
 flock -s 9
 
 goroot=$(go env GOROOT 2>/dev/null || echo /usr/local/go)
+modcache=$(go env GOMODCACHE 2>/dev/null || echo /root/go/pkg/mod)
+goproxy=${FLATTEND_FRESH_GOPROXY:-file:///srv/goproxy}
 work=$(mktemp -d /var/tmp/flattend-fresh.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 cp -a "$base" "$work/root"
 git -C "$repo" bundle create "$work/root/root/flattend.bundle" HEAD 2>/dev/null
-mkdir -p "$work/root/usr/local/go"
-log "fresh bookworm in $work/root: git clone, then make ${targets[*]} ($(git -C "$repo" rev-parse --short HEAD))"
+mkdir -p "$work/root/usr/local/go" "$work/root/srv/goproxy"
+log "fresh bookworm in $work/root: git clone, then make ${targets[*]} ($(git -C "$repo" rev-parse --short HEAD), GOPROXY=$goproxy)"
 start=$SECONDS
 set +e
 in_ns "$work/root" bash -c '
 	set -e
 	mount --bind -o ro "$2" "$1/usr/local/go"
-	chroot "$1" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}" \
+	mount --bind -o ro "$3/cache/download" "$1/srv/goproxy"
+	chroot "$1" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}" GOPROXY="$4" \
 		PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/go/bin \
-		bash -c "git clone -q /root/flattend.bundle /root/flattend && cd /root/flattend && make ${*:3}"
-' fresh "$work/root" "$goroot" "${targets[@]}" </dev/null
+		bash -c "git clone -q /root/flattend.bundle /root/flattend && cd /root/flattend && make ${*:5}"
+' fresh "$work/root" "$goroot" "$modcache" "$goproxy" "${targets[@]}" </dev/null
 rc=$?
 set -e
 log "make ${targets[*]} on a fresh Debian 12: exit $rc after $((SECONDS - start)) s"

@@ -114,7 +114,7 @@ done < <(env)
 [[ -z ${VERSION:-} ]] || envs+=("VERSION=$VERSION")
 
 log "running in the $release chroot ($(cat "$root/.flattend-packages" | wc -w) packages, $root): $*"
-in_ns "$root" bash -c '
+in_ns_exec "$root" bash -c '
 	set -e
 	root=$1 repo=$2 goroot=$3 modcache=$4 gitdir=$5 bindir=$6; shift 6
 	mount --bind "$repo" "$root$repo"

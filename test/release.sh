@@ -28,6 +28,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 log() { echo "release.sh: $*" >&2; }
+# shellcheck source=test/chroot-lib.sh
+source "$here/chroot-lib.sh"
 
 [[ $# -ge 2 ]] || { log "usage: $0 reef|tentacle CMD... | --prepare"; exit 2; }
 release=$1
@@ -43,51 +45,16 @@ cache=${FLATTEND_CHROOT_CACHE:-/var/cache/flattend-test}
 root=$cache/$release
 mkdir -p "$cache"
 
-mirror() {
-	[[ -n ${FLATTEND_DEBIAN_MIRROR:-} ]] && { echo "$FLATTEND_DEBIAN_MIRROR"; return; }
-	# The first Debian archive apt already uses (deb822 URIs: or one-line deb entries).
-	{ cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null || true; } |
-		grep -oE '(https?://[^ ]+/debian)/?( |$)' | grep -v security | head -1 | tr -d ' ' | sed 's#/$##' || true
-}
-
 # Packages: what test/cluster.sh deps installs on the host, plus what the Makefile and the
 # independent test clients need.
 packages() { echo "$(bash "$here/cluster.sh" pkgs) make git procps python3-rbd python3-rados ca-certificates"; }
-
-# apt_in ARGS...: apt-get inside the chroot (not yet namespaced: only used while preparing).
-apt_in() {
-	chroot "$1" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 \
-		apt-get -o Acquire::Check-Valid-Until=false -o Dpkg::Use-Pty=0 "${@:2}"
-}
-
-# in_ns DIR CMD...: runs CMD (a host command that may chroot DIR) in a private mount and PID
-# namespace with DIR's /proc, /dev, /sys and /tmp mounted.
-in_ns() {
-	local dir=$1
-	shift
-	unshare --mount --pid --fork --kill-child --propagation private -- bash -c '
-		set -e
-		d=$1; shift
-		mount --bind "$d" "$d" # the chroot'"'"'s / a mount point of its own (ip netns remounts it)
-		mount -t proc proc "$d/proc"
-		mount --rbind /dev "$d/dev"
-		mount --rbind /sys "$d/sys"
-		mount -t tmpfs -o mode=1777 tmp "$d/tmp"
-		mount -t tmpfs -o mode=755 run "$d/run"
-		mkdir -p "$d/run/lock"
-		"$@"
-	' in_ns "$dir" "$@"
-}
 
 # bootstrap: a fresh chroot of the suite, made beside the cache and renamed into place when whole.
 bootstrap() {
 	local m new=$root.new script=/usr/share/debootstrap/scripts/$suite
 	m=$(mirror)
 	[[ -n $m ]] || { log "no Debian mirror found in /etc/apt/sources.list*; set FLATTEND_DEBIAN_MIRROR"; exit 1; }
-	command -v debootstrap >/dev/null || {
-		log "installing debootstrap"
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >&2
-	}
+	need_debootstrap
 	# An older debootstrap has no script for a newer suite: trixie's works for them.
 	[[ -e $script ]] || script=/usr/share/debootstrap/scripts/trixie
 	rm -rf "$new"
@@ -147,7 +114,7 @@ done < <(env)
 [[ -z ${VERSION:-} ]] || envs+=("VERSION=$VERSION")
 
 log "running in the $release chroot ($(cat "$root/.flattend-packages" | wc -w) packages, $root): $*"
-in_ns "$root" bash -c '
+in_ns_exec "$root" bash -c '
 	set -e
 	root=$1 repo=$2 goroot=$3 modcache=$4 gitdir=$5 bindir=$6; shift 6
 	mount --bind "$repo" "$root$repo"

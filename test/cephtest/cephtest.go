@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"sync"
@@ -429,4 +431,28 @@ func Lockers(t testing.TB, ioctx *rados.IOContext, image string) []string {
 		out = append(out, l.Client+" "+l.Cookie)
 	}
 	return out
+}
+
+// Binary is the flattend the tests run: FLATTEND_BIN, or cmd/flattend built (with GO_TAGS) into a
+// temporary directory that cleanup removes. For a TestMain: it has no *testing.T.
+func Binary() (path string, cleanup func(), err error) {
+	if bin := os.Getenv("FLATTEND_BIN"); bin != "" {
+		return bin, func() {}, nil
+	}
+	dir, err := os.MkdirTemp("", "flattend-test")
+	if err != nil {
+		return "", nil, err
+	}
+	path = filepath.Join(dir, "flattend")
+	args := []string{"build", "-o", path}
+	if tags := os.Getenv("GO_TAGS"); tags != "" {
+		args = append(args, "-tags", tags)
+	}
+	cmd := exec.Command("go", append(args, "github.com/flattend/flattend/cmd/flattend")...)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Run(); err != nil {
+		os.RemoveAll(dir)
+		return "", nil, fmt.Errorf("building flattend: %w", err)
+	}
+	return path, func() { os.RemoveAll(dir) }, nil
 }

@@ -24,26 +24,15 @@ import (
 var binary string
 
 func TestMain(m *testing.M) {
-	binary = os.Getenv("FLATTEND_BIN")
-	if binary == "" {
-		dir, err := os.MkdirTemp("", "flattend-e2e")
-		if err != nil {
-			panic(err)
-		}
-		binary = filepath.Join(dir, "flattend")
-		args := []string{"build", "-o", binary}
-		if tags := os.Getenv("GO_TAGS"); tags != "" {
-			args = append(args, "-tags", tags)
-		}
-		cmd := exec.Command("go", append(args, "../../cmd/flattend")...)
-		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-		if err := cmd.Run(); err != nil {
-			fmt.Fprintln(os.Stderr, "building flattend:", err)
-			os.Exit(1)
-		}
-		defer os.RemoveAll(dir)
+	bin, cleanup, err := cephtest.Binary()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
 	}
-	os.Exit(m.Run())
+	binary = bin
+	code := m.Run()
+	cleanup()
+	os.Exit(code)
 }
 
 // nodeConfig writes a config for node with the test cluster, a lock image of the test's own and

@@ -29,28 +29,18 @@ const (
 var binary string
 
 func TestMain(m *testing.M) {
-	binary = os.Getenv("FLATTEND_BIN")
-	if binary == "" && os.Getenv("FLATTEND_SOAK") != "" {
-		dir, err := os.MkdirTemp("", "flattend-soak")
-		if err != nil {
-			panic(err)
-		}
-		binary = filepath.Join(dir, "flattend")
-		args := []string{"build", "-o", binary}
-		if tags := os.Getenv("GO_TAGS"); tags != "" {
-			args = append(args, "-tags", tags)
-		}
-		cmd := exec.Command("go", append(args, "../../cmd/flattend")...)
-		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-		if err := cmd.Run(); err != nil {
-			fmt.Fprintln(os.Stderr, "building flattend:", err)
-			os.Exit(1)
-		}
-		code := m.Run()
-		os.RemoveAll(dir)
-		os.Exit(code)
+	if os.Getenv("FLATTEND_SOAK") == "" {
+		os.Exit(m.Run()) // TestSoak skips: nothing to build
 	}
-	os.Exit(m.Run())
+	bin, cleanup, err := cephtest.Binary()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	binary = bin
+	code := m.Run()
+	cleanup()
+	os.Exit(code)
 }
 
 // TestSoak builds a network lab (a namespace for the cluster, one per node), starts a cluster

@@ -3,6 +3,7 @@ package fleet_test
 import (
 	"bytes"
 	"encoding/json"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -155,5 +156,31 @@ func TestDecodeRefusesJunk(t *testing.T) {
 	}
 	if _, err := fleet.Decode("hv1", good); err != nil {
 		t.Errorf("a good entry refused: %v", err)
+	}
+}
+
+// The JSON of `status --nodes --json` is a documented, stable format (docs/operations.md): it is
+// pinned here byte for byte. Change testdata/nodes.json only with the docs, and say so in the
+// release notes.
+func TestJSONGolden(t *testing.T) {
+	behind := reported("1.1")
+	behind.PassStarted, behind.Result, behind.Discovered, behind.Flattened, behind.Failed = behind.Written.Add(-time.Hour), fleet.Failed, 5, 3, 1
+	behind.ClonesLeft, behind.BytesLeft, behind.LastError = 2, 2<<30, "vms/x_disk: flatten: EIO"
+	running := reported("1.0")
+	running.PassEnded, running.Result = time.Time{}, fleet.Running
+	r := fleet.Assess("rbd/flattend-lock.nodes", []fleet.Node{{Name: "hv2", Entry: running}, {Name: "hv1", Entry: behind}}, 1, t0.Add(time.Hour))
+	var b bytes.Buffer
+	if err := fleet.WriteJSON(&b, r); err != nil {
+		t.Fatal(err)
+	}
+	want, err := os.ReadFile("testdata/nodes.json")
+	if os.Getenv("FLATTEND_UPDATE_GOLDEN") != "" {
+		err = os.WriteFile("testdata/nodes.json", b.Bytes(), 0o644)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.String() != string(want) {
+		t.Errorf("status --nodes --json changed:\n%s\nwant (testdata/nodes.json):\n%s", b.String(), want)
 	}
 }

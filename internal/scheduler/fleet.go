@@ -104,6 +104,7 @@ func (s *Scheduler) writeSummary(e fleet.Entry) {
 	if !ok {
 		return
 	}
+	defer s.live.tick() // a call into Ceph returned (bounded by ceph.op_timeout)
 	if err := w.WriteSummary(e); err != nil {
 		s.log.Warn("writing this node's fleet summary failed: flattend status --nodes shows an older one",
 			zap.Error(err))

@@ -49,6 +49,7 @@ UNIT_PKGS := ./cmd/flattend ./internal/backoff ./internal/config ./internal/gate
 unit: deps ## pure-logic tests only, with fakes where Ceph would be (no cluster; seconds)
 	$(GO) test $(GOFLAGS_TAGS) -count=1 $(UNIT_PKGS)
 	$(GO) test $(GOFLAGS_TAGS) -count=1 -run 'RetryBusy' ./internal/lock
+	$(GO) test $(GOFLAGS_TAGS) -count=1 -run 'Stale|Flags|EmptyFleet|Encode|Decode|JSONGolden' ./internal/fleet
 
 lint: build
 	bash test/verify-unit.sh

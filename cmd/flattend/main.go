@@ -60,6 +60,7 @@ after SIGTERM or once --timeout), 2 usage/config error, 3 cannot reach or authen
 type options struct {
 	config      string
 	json        bool          // status, plan
+	nodes       bool          // status
 	timeout     time.Duration // once
 	image       string        // once
 	ignoreGates bool          // once

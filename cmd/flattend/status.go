@@ -16,11 +16,15 @@ import (
 
 func statusFlags(fs *flag.FlagSet, o *options) {
 	fs.BoolVar(&o.json, "json", false, "print JSON (the format is documented in docs/operations.md)")
+	fs.BoolVar(&o.nodes, "nodes", false, "list every node's last pass, backlog, version and next window instead (fleet view)")
 }
 
 // runStatus is `flattend status`: who holds each slot of the lock, on what, how far, and who
 // waits.
 func runStatus(_ context.Context, e *env, o options) int {
+	if o.nodes {
+		return showNodes(e.cfg, e.dial, o.json, e.stdout, e.stderr)
+	}
 	return showStatus(e.cfg, e.dial, o.json, e.stdout, e.stderr)
 }
 

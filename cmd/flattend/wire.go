@@ -34,6 +34,7 @@ type schedulerExtras struct {
 func schedulerConfig(cfg *config.Config, x schedulerExtras) scheduler.Config {
 	sc := scheduler.Config{
 		Node:           cfg.Node,
+		Version:        version,
 		Window:         cfg.ParsedWindow(),
 		BackoffMin:     cfg.Backoff.Min.D(),
 		BackoffMax:     cfg.Backoff.Max.D(),
@@ -116,7 +117,7 @@ func cephOptions(cfg *config.Config) cephconn.Options {
 func lockOptions(cfg *config.Config) lock.Options {
 	return lock.Options{Pool: cfg.Lock.Pool, Image: cfg.Lock.Image, Slots: cfg.Lock.Slots,
 		CheckInterval: cfg.Lock.CheckInterval.D(), BackoffMin: cfg.Backoff.Min.D(), BackoffMax: cfg.Backoff.Max.D(),
-		Node: cfg.Node}
+		Node: cfg.Node, Version: version}
 }
 
 // sources are the discovery sources of cfg; log hears of the libvirt disks left out (nil: nothing).

@@ -150,3 +150,7 @@ func readQueue(ioctx *rados.IOContext, oid, image string, n int, key string) (qu
 		}
 	}
 }
+
+// ValidNode reports whether name can be a node's key in the objects beside the lock: printable
+// UTF-8 of at most 253 bytes, not empty.
+func ValidNode(name string) bool { return name != "" && printable(name) }

@@ -34,6 +34,7 @@ const maxUnconfirmed = 12 * time.Second
 // Record is what a holder tells the cluster about itself, on its lock image.
 type Record struct {
 	Node    string    `json:"node"`
+	Version string    `json:"version,omitempty"` // the holder's flattend; "unknown" when read from an older one
 	PID     int       `json:"pid"`
 	Client  string    `json:"client"` // the holder's client address, as the lock's owner shows it
 	Since   time.Time `json:"since"`
@@ -78,7 +79,7 @@ func (m *Mutex) newLease(img *rbd.Image, slot int) *Lease {
 			l.interrupted = &r
 		}
 	}
-	l.record = Record{Node: m.o.Node, PID: os.Getpid(), Client: client, Since: l.since.UTC()}
+	l.record = Record{Node: m.o.Node, Version: m.o.Version, PID: os.Getpid(), Client: client, Since: l.since.UTC()}
 	// Not written yet: Working writes it before any flatten, and a handover is a few
 	// milliseconds faster without a second write.
 	l.dirty = true

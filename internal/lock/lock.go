@@ -53,6 +53,8 @@ type Options struct {
 	BackoffMin, BackoffMax time.Duration
 	// Node names this node in the holder record other nodes read.
 	Node string
+	// Version is this build's version, shown in the holder record.
+	Version string
 }
 
 // validate refuses options that cannot work; the config package sets the defaults.

@@ -13,6 +13,9 @@ import (
 	"github.com/flattend/flattend/internal/cephconn"
 )
 
+// UnknownVersion is the version of a holder whose record names none.
+const UnknownVersion = "unknown"
+
 // SlotStatus is what any node can read about one slot.
 type SlotStatus struct {
 	Slot   int     `json:"slot"`
@@ -53,6 +56,9 @@ func ReadStatus(conn *rados.Conn, pool, image string, slots int) ([]SlotStatus, 
 		if v, err := img.GetMetadata(RecordKey); err == nil {
 			var r Record
 			if json.Unmarshal([]byte(v), &r) == nil {
+				if r.Version == "" {
+					r.Version = UnknownVersion // written by a build before versions were recorded
+				}
 				st.Holder = &r
 				st.Stale = st.Owner == "" || (r.Client != "" && r.Client != st.Owner) || now.Sub(r.Updated) > StaleAfter
 			}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/flattend/flattend/internal/discovery"
 	"github.com/flattend/flattend/internal/flattener"
+	"github.com/flattend/flattend/internal/fleet"
 	"github.com/flattend/flattend/internal/gate"
 	"github.com/flattend/flattend/internal/lock"
 	"github.com/flattend/flattend/internal/rbdimage"
@@ -33,7 +34,7 @@ func CephConnector(dial lock.Dialer, log *zap.Logger) Connector {
 			return nil, nil, err
 		}
 		l.s = sess
-		return l, cephFlattener{sess.Conn()}, nil
+		return l, cephFlattener{conn: sess.Conn(), lock: o}, nil
 	}
 }
 
@@ -55,7 +56,15 @@ func (l cephLocker) Lock(ctx context.Context) (Lease, error) {
 func (l cephLocker) StopWaiting()                    { l.s.Mutex().StopWaiting() }
 func (l cephLocker) Close(ctx context.Context) error { return l.s.Close(ctx) }
 
-type cephFlattener struct{ conn *rados.Conn }
+type cephFlattener struct {
+	conn *rados.Conn
+	lock lock.Options // where the fleet summary goes
+}
+
+// WriteSummary stores this node's fleet summary beside the lock (summaryWriter).
+func (f cephFlattener) WriteSummary(e fleet.Entry) error {
+	return fleet.Write(f.conn, f.lock.Pool, f.lock.Image, f.lock.Node, e)
+}
 
 func (f cephFlattener) Discover(ctx context.Context, sources []discovery.Source) ([]discovery.Clone, error) {
 	found, err := discovery.Find(ctx, f.conn, sources)

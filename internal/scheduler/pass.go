@@ -50,11 +50,12 @@ func (s *Scheduler) Pass(ctx context.Context) (Summary, error) {
 	clones, err := sess.Discover(ctx, s.sources)
 	s.cfg.Metrics.Discovered(len(clones), time.Since(start), err)
 	if err != nil {
+		s.report(ctx, &backlog{start: start}, Summary{}, err)
 		return Summary{}, err
 	}
 	s.log.Info("discovered clones", zap.Int("count", len(clones)), zap.Duration("took", time.Since(start)))
 	Order(clones, s.cfg.Order)
-	return s.work(ctx, clones), nil
+	return s.workPass(ctx, clones, newBacklog(start, clones)), nil
 }
 
 // FlattenNamed flattens the clones an operator named (in this order) like a pass does, for
@@ -65,9 +66,16 @@ func (s *Scheduler) FlattenNamed(ctx context.Context, clones []discovery.Clone) 
 
 // work runs the job of each clone in turn, and tallies the outcomes.
 func (s *Scheduler) work(ctx context.Context, clones []discovery.Clone) Summary {
+	return s.workPass(ctx, clones, nil) // named clones are not this node's backlog: no fleet summary
+}
+
+// workPass is work whose backlog, unless nil, goes into the fleet summary after each flatten and
+// at the end.
+func (s *Scheduler) workPass(ctx context.Context, clones []discovery.Clone, bl *backlog) Summary {
 	sum := Summary{Discovered: len(clones)}
 	defer func() {
 		s.cfg.Metrics.Pass(sum.Flattened, len(sum.Failed), len(sum.Skipped), sum.Left)
+		s.report(ctx, bl, sum, nil)
 	}()
 	for i, c := range clones {
 		s.applyReload() // between two flattens: no lease is held
@@ -87,7 +95,9 @@ func (s *Scheduler) work(ctx context.Context, clones []discovery.Clone) Summary 
 		}
 		s.setState("clone %d of %d, %s: waiting for a slot", i+1, len(clones), name)
 		o := classify(ctx, s.flattenClone(ctx, c))
-		if s.tally(&sum, c, o); sum.Stopped != "" {
+		s.tally(&sum, c, o)
+		s.reportFlatten(ctx, bl, sum, c, o)
+		if sum.Stopped != "" {
 			sum.Left += len(clones) - i - 1
 			break
 		}

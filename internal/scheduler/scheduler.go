@@ -26,6 +26,7 @@ import (
 // Config is what the scheduler needs, already validated.
 type Config struct {
 	Node           string
+	Version        string // this build's, in the fleet summary
 	Window         window.Window
 	BackoffMin     time.Duration
 	BackoffMax     time.Duration

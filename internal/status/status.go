@@ -64,9 +64,9 @@ func WriteJSON(w io.Writer, r Report) error {
 // WriteText prints r as a table for people.
 func WriteText(w io.Writer, r Report) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "SLOT\tLOCK IMAGE\tSTATE\tNODE\tPID\tCLONE\tPROGRESS\tELAPSED\tETA")
+	fmt.Fprintln(tw, "SLOT\tLOCK IMAGE\tSTATE\tNODE\tVERSION\tPID\tCLONE\tPROGRESS\tELAPSED\tETA")
 	for _, s := range r.Slots {
-		state, node, pid, clone, pct, elapsed, eta := "free", "-", "-", "-", "-", "-", "-"
+		state, node, ver, pid, clone, pct, elapsed, eta := "free", "-", "-", "-", "-", "-", "-", "-"
 		switch {
 		case s.Holder != nil && s.Stale && s.Owner == "":
 			state = "free (stale record)"
@@ -78,7 +78,7 @@ func WriteText(w io.Writer, r Report) error {
 			state = "held (no record)"
 		}
 		if h := s.Holder; h != nil {
-			node, pid = h.Node, fmt.Sprint(h.PID)
+			node, ver, pid = h.Node, h.Version, fmt.Sprint(h.PID)
 			if h.Clone != "" {
 				clone = h.Clone
 			}
@@ -92,7 +92,7 @@ func WriteText(w io.Writer, r Report) error {
 		if s.ETASec != nil {
 			eta = secs(*s.ETASec)
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Slot, s.Image, state, node, pid, clone, pct, elapsed, eta)
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Slot, s.Image, state, node, ver, pid, clone, pct, elapsed, eta)
 	}
 	if err := tw.Flush(); err != nil {
 		return err

@@ -28,11 +28,16 @@ deps() {
 		export DEBIAN_FRONTEND=noninteractive
 		apt-get update -qq >&2
 		no_service_starts apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+		# Installed here for promtool only: its postinst enabled the server for the next boot
+		# (systemd unit and SysV links; systemctl disables both, without systemd running too).
+		if [[ " ${missing[*]} " == *" prometheus "* ]]; then
+			systemctl disable --quiet prometheus.service >&2 || true
+		fi
 	fi
 }
 
 # no_service_starts runs an install with a policy-rc.d that forbids starting services: we want
-# prometheus only for its promtool (make lint), and its postinst would start the server (through
+# prometheus only for its promtool (deploy/deploy_test.go), and its postinst would start the server (through
 # its init script where systemd is not PID 1, or its unit where it is).
 no_service_starts() {
 	local policy=/usr/sbin/policy-rc.d had=
@@ -44,10 +49,6 @@ no_service_starts() {
 	local rc=0
 	"$@" || rc=$?
 	[[ -n $had ]] || rm -f "$policy"
-	# Where systemd runs, the postinst also enabled the unit: it would start at the next boot.
-	if [[ -d /run/systemd/system ]] && systemctl is-enabled --quiet prometheus 2>/dev/null; then
-		systemctl disable --quiet prometheus || true
-	fi
 	return $rc
 }
 

@@ -115,7 +115,7 @@ func TestDaemonUnderSystemd(t *testing.T) {
 		`flattend_backlog_bytes 0`,
 		`flattend_clone_consecutive_failures_max 0`,
 	} {
-		if !strings.Contains(string(body), want) {
+		if !strings.Contains(string(body), "\n"+want+"\n") { // a whole line: not a HELP text
 			t.Errorf("/metrics lacks %s", want)
 		}
 	}

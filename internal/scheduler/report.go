@@ -7,7 +7,7 @@ import (
 	"time"
 
 	"github.com/flattend/flattend/internal/discovery"
-	"github.com/flattend/flattend/internal/window"
+	"github.com/flattend/flattend/internal/metrics"
 )
 
 // Phase is what the scheduler is doing, in one word (/status's state).
@@ -136,26 +136,27 @@ func (s *Scheduler) Report() Report {
 	return r
 }
 
-// windowClosed records a closed window that opens next at next (zero: never).
-func (s *Scheduler) windowClosed(w window.Window, next time.Time) {
+// windowClosed records a closed window of cfg that opens next at next (zero: never).
+func (s *Scheduler) windowClosed(cfg Config, next time.Time) {
 	wr := WindowReport{OpensAt: timePtr(next)}
-	if _, end := w.At(next); !next.IsZero() {
+	if _, end := cfg.Window.At(next); !next.IsZero() {
 		wr.ClosesAt = timePtr(end)
 	}
-	s.setWindow(wr, next)
+	s.setWindow(cfg.Metrics, wr, next)
 }
 
-// windowOpened records an open window that closes at end.
-func (s *Scheduler) windowOpened(w window.Window, end time.Time) {
-	next := w.NextOpen(end)
-	s.setWindow(WindowReport{Open: true, OpensAt: timePtr(next), ClosesAt: timePtr(end)}, next)
+// windowOpened records an open window of cfg that closes at end. cfg is passed, not read from
+// s: a reload calls this outside the main loop.
+func (s *Scheduler) windowOpened(cfg Config, end time.Time) {
+	next := cfg.Window.NextOpen(end)
+	s.setWindow(cfg.Metrics, WindowReport{Open: true, OpensAt: timePtr(next), ClosesAt: timePtr(end)}, next)
 }
 
-func (s *Scheduler) setWindow(wr WindowReport, next time.Time) {
+func (s *Scheduler) setWindow(m *metrics.Metrics, wr WindowReport, next time.Time) {
 	s.rep.mu.Lock()
 	s.rep.window = wr
 	s.rep.mu.Unlock()
-	s.cfg.Metrics.NextWindowOpen(next)
+	m.NextWindowOpen(next)
 }
 
 // setRunning records the flatten that starts (nil: it ended).

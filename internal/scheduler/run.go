@@ -46,7 +46,7 @@ func (s *Scheduler) waitForWindow(ctx context.Context, now time.Time) error {
 		return fmt.Errorf("the window schedule never opens again")
 	}
 	s.log.Info("window closed", zap.Time("next_open", next))
-	s.windowClosed(s.cfg.Window, next)
+	s.windowClosed(s.cfg, next)
 	s.setState(PhaseWaitingForWindow, "window closed; opens %s", next.Format(time.RFC3339))
 	t := time.NewTimer(time.Until(next))
 	defer t.Stop()
@@ -64,7 +64,7 @@ func (s *Scheduler) waitForWindow(ctx context.Context, now time.Time) error {
 func (s *Scheduler) runWindow(ctx context.Context, end time.Time) {
 	s.log.Info("window open", zap.Time("until", end))
 	s.cfg.Metrics.WindowOpen(true)
-	s.windowOpened(s.cfg.Window, end)
+	s.windowOpened(s.cfg, end)
 	s.budget = budget{}
 	s.windowEnd.Store(end.UnixNano())
 	wctx, cancel := context.WithCancelCause(ctx)
@@ -106,7 +106,7 @@ func (s *Scheduler) followWindowReloads(ctx context.Context, closer *time.Timer,
 			return
 		}
 		s.windowEnd.Store(end.UnixNano())
-		s.windowOpened(p.cfg.Window, end)
+		s.windowOpened(p.cfg, end)
 		closer.Reset(time.Until(end))
 		s.log.Info("window end moved by the new configuration", zap.Time("until", end))
 	}

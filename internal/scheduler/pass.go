@@ -41,7 +41,7 @@ func (s Summary) describe(err error) string {
 // Pass discovers this node's clones now and flattens them one at a time until all are done or
 // ctx ends. A clone that fails is logged and counted; the pass goes on with the others.
 func (s *Scheduler) Pass(ctx context.Context) (sum Summary, err error) {
-	defer func() { s.passEnded(sum, err) }()
+	defer func() { s.passEnded(ctx, sum, err) }()
 	sess, err := s.session()
 	if err != nil {
 		return Summary{}, err

@@ -2,6 +2,7 @@ package scheduler
 
 import (
 	"cmp"
+	"context"
 	"slices"
 	"sync"
 	"time"
@@ -74,10 +75,12 @@ type BacklogReport struct {
 // PassReport is how the last pass ended.
 type PassReport struct {
 	EndedAt time.Time `json:"ended_at"`
-	// Result: done (every clone handled), stopped (a gate, a budget, the window's end near),
-	// interrupted (the window closed or the daemon stopped), failed (discovery or a clone failed).
-	Result    string `json:"result"`
-	Error     string `json:"error,omitempty"` // the pass's own error, or why it stopped
+	// Result, in the words of `status --nodes` (internal/fleet): ok (every clone it found is
+	// flat), partial (clones left: skipped, a gate, a budget), cancelled (the window closed or
+	// the daemon stopped, clones left), failed (discovery or a clone's flatten failed).
+	Result string `json:"result"`
+	// Error is the pass's own error, else the last clone's failure, else why it stopped early.
+	Error     string `json:"error,omitempty"`
 	Flattened int    `json:"flattened"`
 	Failed    int    `json:"failed"`
 	Skipped   int    `json:"skipped"`
@@ -93,8 +96,8 @@ type FailingClone struct {
 	NextTry  time.Time `json:"next_try"`
 }
 
-// report is what Report reads that only the main loop writes.
-type report struct {
+// reportState is what Report reads and the main loop writes.
+type reportState struct {
 	mu          sync.Mutex
 	node        string
 	window      WindowReport
@@ -212,23 +215,31 @@ func (s *Scheduler) noteFailures() {
 	s.cfg.Metrics.CloneFailures(len(failing), worst)
 }
 
-// passEnded records how a pass ended: sum, or err for a pass that failed as a whole.
-func (s *Scheduler) passEnded(sum Summary, err error) {
+// passEnded records how a pass ended: sum, or err for a pass that failed as a whole; ctx is the
+// pass's.
+func (s *Scheduler) passEnded(ctx context.Context, sum Summary, err error) {
 	now := time.Now()
-	p := &PassReport{EndedAt: now, Result: "done", Flattened: sum.Flattened, Failed: len(sum.Failed),
-		Skipped: len(sum.Skipped), Left: sum.Left}
+	p := &PassReport{EndedAt: now, Flattened: sum.Flattened, Failed: len(sum.Failed), Skipped: len(sum.Skipped), Left: sum.Left}
 	switch {
 	case err != nil:
-		p.Result, p.Error = "failed", err.Error()
+		p.Error = err.Error()
 	case len(sum.Failed) > 0:
+		p.Error = sum.Failed[len(sum.Failed)-1]
+	default:
+		p.Error = sum.Stopped
+	}
+	s.rep.mu.Lock()
+	switch {
+	case err != nil || len(sum.Failed) > 0:
 		p.Result = "failed"
-	case sum.Stopped != "":
-		p.Result, p.Error = "stopped", sum.Stopped
-	case sum.Left > 0:
-		p.Result = "interrupted"
+	case len(s.rep.backlog) == 0:
+		p.Result = "ok"
+	case ctx.Err() != nil:
+		p.Result = "cancelled"
+	default:
+		p.Result = "partial"
 	}
 	ok := err == nil && len(sum.Failed) == 0
-	s.rep.mu.Lock()
 	s.rep.lastPass = p
 	if ok {
 		s.rep.lastSuccess = &now

@@ -96,11 +96,11 @@ type statusV1 struct {
 	} `json:"failing_clones"`
 }
 
-// statusKeys are the keys /status always has (error is omitted when empty).
+// statusKeys are the keys /status has over the test (last_pass.error is omitted when empty).
 var statusKeys = []string{"backlog", "backlog.bytes", "backlog.clones", "backlog.discovered_at", "detail",
 	"failing_clones", "failing_clones[].consecutive_failures", "failing_clones[].image", "failing_clones[].next_try",
 	"flatten", "flatten.bytes", "flatten.image", "flatten.lock", "flatten.objects_done", "flatten.objects_total",
-	"flatten.progress_ratio", "flatten.started_at", "last_pass", "last_pass.ended_at", "last_pass.failed",
+	"flatten.progress_ratio", "flatten.started_at", "last_pass", "last_pass.ended_at", "last_pass.error", "last_pass.failed",
 	"last_pass.flattened", "last_pass.last_success_at", "last_pass.left", "last_pass.result", "last_pass.skipped",
 	"node", "state", "window", "window.closes_at", "window.open", "window.opens_at"}
 
@@ -221,7 +221,7 @@ func TestStatusAndMetricsOverPasses(t *testing.T) {
 		t.Fatalf("pass 1: %+v, %v", r.sum, r.err)
 	}
 	st = f.status(seen)
-	if st.LastPass == nil || st.LastPass.Result != "failed" || st.LastPass.Flattened != 2 || st.LastPass.Failed != 1 ||
+	if st.LastPass == nil || st.LastPass.Result != "failed" || st.LastPass.Error != "p/a: EIO" || st.LastPass.Flattened != 2 || st.LastPass.Failed != 1 ||
 		st.LastPass.LastSuccessAt != nil || st.Flatten != nil {
 		t.Errorf("after pass 1: last pass %+v, flatten %+v", st.LastPass, st.Flatten)
 	}
@@ -255,7 +255,7 @@ func TestStatusAndMetricsOverPasses(t *testing.T) {
 		t.Fatalf("pass 3: %+v, %v", r.sum, r.err)
 	}
 	st = f.status(seen)
-	if st.LastPass == nil || st.LastPass.Result != "done" || st.LastPass.LastSuccessAt == nil ||
+	if st.LastPass == nil || st.LastPass.Result != "ok" || st.LastPass.LastSuccessAt == nil ||
 		st.Backlog == nil || st.Backlog.Clones != 0 || len(st.FailingClones) != 0 {
 		t.Errorf("after pass 3: last pass %+v, backlog %+v, failing %+v", st.LastPass, st.Backlog, st.FailingClones)
 	}

@@ -89,7 +89,7 @@ type Scheduler struct {
 
 	progress progress
 	live     liveness
-	rep      report // what /status reads (report.go)
+	rep      reportState // what /status reads (report.go)
 
 	reloadMu sync.Mutex
 	pending  *reload

@@ -142,7 +142,7 @@ func TestDaemonUnderSystemd(t *testing.T) {
 		} `json:"last_pass"`
 	}
 	if code, body := get(t, base+"/status"); code != http.StatusOK || json.Unmarshal([]byte(body), &st) != nil ||
-		st.Node != node || st.State != "idle" || !st.Window.Open || st.LastPass == nil || st.LastPass.Result != "done" || st.LastPass.Flattened != 1 {
+		st.Node != node || st.State != "idle" || !st.Window.Open || st.LastPass == nil || st.LastPass.Result != "ok" || st.LastPass.Flattened != 1 {
 		t.Errorf("/status: %d %s", code, body)
 	}
 

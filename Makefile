@@ -44,7 +44,7 @@ test: build ## the whole suite, unit and integration, against throwaway local Ce
 	FLATTEND_TEST_AUTH=cephx bash test/run.sh $(GO) test $(GOFLAGS_TAGS) -count=1 -timeout 40m ./internal/... ./test/...
 
 UNIT_PKGS := ./cmd/flattend ./internal/backoff ./internal/config ./internal/gate ./internal/humanize \
-	./internal/libvirturi ./internal/rbdimage ./internal/scheduler ./internal/window
+	./internal/libvirturi ./internal/rbdimage ./internal/scheduler ./internal/window ./internal/metrics ./deploy
 
 unit: deps ## pure-logic tests only, with fakes where Ceph would be (no cluster; seconds)
 	$(GO) test $(GOFLAGS_TAGS) -count=1 $(UNIT_PKGS)
@@ -53,7 +53,7 @@ unit: deps ## pure-logic tests only, with fakes where Ceph would be (no cluster;
 
 lint: build
 	bash test/verify-unit.sh
-	test -z "$$(gofmt -l cmd internal test bench 2>/dev/null)" || { gofmt -l cmd internal test bench; exit 1; }
+	test -z "$$(gofmt -l cmd internal test bench deploy 2>/dev/null)" || { gofmt -l cmd internal test bench deploy; exit 1; }
 	$(GO) vet $(GOFLAGS_TAGS) ./...
 	$(GO) tool staticcheck $(GOFLAGS_TAGS) ./...
 

@@ -13,7 +13,7 @@
 # or a real cluster. Only the PIDs recorded under DIR are ever killed.
 set -euo pipefail
 
-PKGS=(gcc libc6-dev ceph-mon ceph-osd ceph-mgr ceph-common librbd-dev librados-dev uuid-runtime python3 iproute2 libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-storage-rbd libvirt-clients qemu-system-x86 systemd)
+PKGS=(gcc libc6-dev ceph-mon ceph-osd ceph-mgr ceph-common librbd-dev librados-dev uuid-runtime python3 iproute2 libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-storage-rbd libvirt-clients qemu-system-x86 systemd prometheus)
 
 log() { echo "cluster.sh: $*" >&2; }
 
@@ -27,8 +27,29 @@ deps() {
 		[[ $(id -u) == 0 ]] || { log "need root to install packages"; exit 1; }
 		export DEBIAN_FRONTEND=noninteractive
 		apt-get update -qq >&2
-		apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+		no_service_starts apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+		# Installed here for promtool only: its postinst enabled the server for the next boot
+		# (systemd unit and SysV links; systemctl disables both, without systemd running too).
+		if [[ " ${missing[*]} " == *" prometheus "* ]]; then
+			systemctl disable --quiet prometheus.service >&2 || true
+		fi
 	fi
+}
+
+# no_service_starts runs an install with a policy-rc.d that forbids starting services: we want
+# prometheus only for its promtool (deploy/deploy_test.go), and its postinst would start the server (through
+# its init script where systemd is not PID 1, or its unit where it is).
+no_service_starts() {
+	local policy=/usr/sbin/policy-rc.d had=
+	[[ -e $policy ]] && had=1
+	if [[ -z $had ]]; then
+		printf '#!/bin/sh\nexit 101\n' >"$policy"
+		chmod +x "$policy"
+	fi
+	local rc=0
+	"$@" || rc=$?
+	[[ -n $had ]] || rm -f "$policy"
+	return $rc
 }
 
 free_port() {

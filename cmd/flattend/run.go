@@ -33,7 +33,7 @@ func runDaemon(ctx context.Context, e *env, _ options) int {
 // window until ctx ends (SIGTERM).
 func daemon(ctx context.Context, e *env, sched *scheduler.Scheduler, m *metrics.Metrics) int {
 	if listen := e.cfg.Metrics.Listen; listen != "" {
-		addr, served, err := m.Serve(ctx, listen)
+		addr, served, err := m.Serve(ctx, listen, endpoints(sched))
 		if err != nil {
 			e.log.Error("cannot serve metrics (metrics.listen)", zap.String("listen", listen), zap.Error(err))
 			return exitFailure
@@ -65,6 +65,16 @@ func daemon(ctx context.Context, e *env, sched *scheduler.Scheduler, m *metrics.
 		return exitCode(err)
 	}
 	return exitOK
+}
+
+// endpoints are /healthz and /status: /healthz fails once the main loop stalls as long as the
+// watchdog allows (WatchdogSec=, or the unit's 5 min without systemd's).
+func endpoints(sched *scheduler.Scheduler) metrics.Endpoints {
+	limit, err := sd.SdWatchdogEnabled(false)
+	if err != nil || limit <= 0 {
+		limit = 5 * time.Minute
+	}
+	return metrics.Endpoints{Stalled: sched.Stalled, StallLimit: limit, Status: func() any { return sched.Report() }}
 }
 
 // reloadOnHangup reloads the config at every SIGHUP until ctx ends.

@@ -40,8 +40,9 @@ func TestBuildInfoMetric(t *testing.T) {
 	m.BuildInfo("1.2.3", "abc", "16.2.15")
 	rec := httptest.NewRecorder()
 	m.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
-	want := `flattend_build_info{librbd="16.2.15",node="h1",revision="abc",version="1.2.3"} 1`
-	if !strings.Contains(rec.Body.String(), want) {
-		t.Errorf("metrics lack %s", want)
+	for _, want := range []string{`flattend_build_info{librbd="16.2.15",revision="abc",version="1.2.3"} 1`, `flattend_node_info{node="h1"} 1`} {
+		if !strings.Contains(rec.Body.String(), want) {
+			t.Errorf("metrics lack %s", want)
+		}
 	}
 }

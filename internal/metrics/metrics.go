@@ -4,10 +4,9 @@
 package metrics
 
 import (
-	"context"
-	"errors"
-	"net"
 	"net/http"
+	"regexp"
+	"slices"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -17,7 +16,8 @@ import (
 
 // Metrics holds every series.
 type Metrics struct {
-	reg *prometheus.Registry
+	reg   *prometheus.Registry
+	names []string // every flattend_* family, for Names
 
 	started       prometheus.Counter
 	ended         *prometheus.CounterVec
@@ -36,94 +36,102 @@ type Metrics struct {
 	buildInfo     *prometheus.GaugeVec
 	verified      prometheus.Counter
 	copiedUp      prometheus.Counter
+
+	backlogClones prometheus.Gauge
+	backlogBytes  prometheus.Gauge
+	passEnd       prometheus.Gauge
+	passSuccess   prometheus.Gauge
+	nextWindow    prometheus.Gauge
+	failingClones prometheus.Gauge
+	worstFailures prometheus.Gauge
 }
 
-// New makes the series, registered on a new registry with the Go and process collectors.
+// New makes the series, registered on a new registry with the Go and process collectors. The
+// node's name is on one series, flattend_node_info, not on every series: the scrape's instance
+// label identifies the node, and a join on it adds the name where a query wants it.
 func New(node string) *Metrics {
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	f := func(c prometheus.Collector) { reg.MustRegister(c) }
-	constLabels := prometheus.Labels{"node": node}
-	m := &Metrics{reg: reg}
-	m.started = prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_flattens_started_total", ConstLabels: constLabels,
-		Help: "Flattens started (resumed ones count again)."})
-	m.ended = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "flattend_flattens_ended_total", ConstLabels: constLabels,
+	m := &Metrics{reg: prometheus.NewRegistry()}
+	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m.started = register(m, prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_flattens_started_total",
+		Help: "Flattens started (resumed ones count again)."}))
+	m.ended = register(m, prometheus.NewCounterVec(prometheus.CounterOpts{Name: "flattend_flattens_ended_total",
 		Help: "Flattens ended, by result (flat, cancelled, failed) and reason (done, window, signal, gate, lock_lost, timeout, error)."},
-		[]string{"result", "reason"})
-	m.copied = prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_copied_bytes_total", ConstLabels: constLabels,
-		Help: "Bytes of parent data copied into clones, estimated from object progress and the parent overlap."})
-	m.duration = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "flattend_flatten_duration_seconds", ConstLabels: constLabels,
+		[]string{"result", "reason"}))
+	m.copied = register(m, prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_copied_bytes_total",
+		Help: "Bytes of parent data copied into clones, estimated from object progress and the parent overlap."}))
+	m.duration = register(m, prometheus.NewHistogram(prometheus.HistogramOpts{Name: "flattend_flatten_duration_seconds",
 		Help:    "Duration of flattens that ended flat.",
-		Buckets: prometheus.ExponentialBuckets(1, 2, 16)}) // 1 s .. 9 h
-	m.lockWait = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "flattend_lock_wait_seconds", ConstLabels: constLabels,
+		Buckets: prometheus.ExponentialBuckets(1, 2, 16)})) // 1 s .. 9 h
+	m.lockWait = register(m, prometheus.NewHistogram(prometheus.HistogramOpts{Name: "flattend_lock_wait_seconds",
 		Help:    "Time from wanting the cluster-wide lock to holding it.",
-		Buckets: prometheus.ExponentialBuckets(0.01, 4, 12)}) // 10 ms .. 12 h
-	m.lockHeld = prometheus.NewGauge(prometheus.GaugeOpts{Name: "flattend_lock_held", ConstLabels: constLabels,
-		Help: "1 while this node holds a slot of the cluster-wide lock."})
-	m.progress = prometheus.NewGauge(prometheus.GaugeOpts{Name: "flattend_flatten_progress_ratio", ConstLabels: constLabels,
-		Help: "Progress of the running flatten, 0..1 (0 when none runs)."})
-	m.gateClosed = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "flattend_gate_closed_total", ConstLabels: constLabels,
-		Help: "Times a safety gate refused or aborted a flatten, by gate (health, recovery, space)."}, []string{"gate"})
-	m.discoveryTime = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "flattend_discovery_duration_seconds", ConstLabels: constLabels,
+		Buckets: prometheus.ExponentialBuckets(0.01, 4, 12)})) // 10 ms .. 12 h
+	m.lockHeld = register(m, prometheus.NewGauge(prometheus.GaugeOpts{Name: "flattend_lock_held",
+		Help: "1 while this node holds a slot of the cluster-wide lock."}))
+	m.progress = register(m, prometheus.NewGauge(prometheus.GaugeOpts{Name: "flattend_flatten_progress_ratio",
+		Help: "Progress of the running flatten, 0..1 (0 when none runs)."}))
+	m.gateClosed = register(m, prometheus.NewCounterVec(prometheus.CounterOpts{Name: "flattend_gate_closed_total",
+		Help: "Times a safety gate refused or aborted a flatten, by gate (health, recovery, space)."}, []string{"gate"}))
+	m.discoveryTime = register(m, prometheus.NewHistogram(prometheus.HistogramOpts{Name: "flattend_discovery_duration_seconds",
 		Help:    "Duration of discovery passes.",
-		Buckets: prometheus.ExponentialBuckets(0.01, 3, 12)})
-	m.discovered = prometheus.NewGauge(prometheus.GaugeOpts{Name: "flattend_discovered_clones", ConstLabels: constLabels,
-		Help: "Clones this node owns, as of the last discovery."})
-	m.discoveryErrs = prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_discovery_failures_total", ConstLabels: constLabels,
-		Help: "Discovery passes that failed."})
-	m.passClones = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "flattend_pass_clones", ConstLabels: constLabels,
-		Help: "Clones by outcome in the last pass (flattened, failed, skipped, left)."}, []string{"outcome"})
-	m.windowOpen = prometheus.NewGauge(prometheus.GaugeOpts{Name: "flattend_window_open", ConstLabels: constLabels,
-		Help: "1 while the flatten window is open."})
-	m.lockLost = prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_lock_lost_total", ConstLabels: constLabels,
-		Help: "Times this node lost a held lock (fenced, cut off) and reconnected."})
-	m.buildInfo = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "flattend_build_info", ConstLabels: constLabels,
-		Help: "Always 1: flattend's version and commit, and the Ceph version of the librbd it runs with."}, []string{"version", "revision", "librbd"})
-	m.verified = prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_copyup_objects_verified_total", ConstLabels: constLabels,
-		Help: "Objects looked up in RADOS before a flatten because the object map says they exist (librbd without the fix of Ceph tracker 68998)."})
-	m.copiedUp = prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_lost_copyups_repaired_total", ConstLabels: constLabels,
-		Help: "Objects an interrupted flatten had lost, copied up from the parent before the flatten."})
-	for _, c := range []prometheus.Collector{m.started, m.ended, m.copied, m.duration, m.lockWait, m.lockHeld, m.progress,
-		m.gateClosed, m.discoveryTime, m.discovered, m.discoveryErrs, m.passClones, m.windowOpen, m.lockLost,
-		m.buildInfo, m.verified, m.copiedUp} {
-		f(c)
-	}
+		Buckets: prometheus.ExponentialBuckets(0.01, 3, 12)}))
+	m.discovered = register(m, prometheus.NewGauge(prometheus.GaugeOpts{Name: "flattend_discovered_clones",
+		Help: "Clones this node owns, as of the last discovery."}))
+	m.discoveryErrs = register(m, prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_discovery_failures_total",
+		Help: "Discovery passes that failed."}))
+	m.passClones = register(m, prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "flattend_pass_clones",
+		Help: "Clones by outcome in the last pass (flattened, failed, skipped, left)."}, []string{"outcome"}))
+	m.windowOpen = register(m, prometheus.NewGauge(prometheus.GaugeOpts{Name: "flattend_window_open",
+		Help: "1 while the flatten window is open."}))
+	m.lockLost = register(m, prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_lock_lost_total",
+		Help: "Times this node lost a held lock (fenced, cut off) and reconnected."}))
+	m.buildInfo = register(m, prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "flattend_build_info",
+		Help: "Always 1: flattend's version and commit, and the Ceph version of the librbd it runs with."}, []string{"version", "revision", "librbd"}))
+	m.verified = register(m, prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_copyup_objects_verified_total",
+		Help: "Objects looked up in RADOS before a flatten because the object map says they exist (librbd without the fix of Ceph tracker 68998)."}))
+	m.copiedUp = register(m, prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_lost_copyups_repaired_total",
+		Help: "Objects an interrupted flatten had lost, copied up from the parent before the flatten."}))
+	m.backlogClones = register(m, prometheus.NewGauge(prometheus.GaugeOpts{Name: "flattend_backlog_clones",
+		Help: "Clones of this node still to flatten: the last discovery's, less those flattened since."}))
+	m.backlogBytes = register(m, prometheus.NewGauge(prometheus.GaugeOpts{Name: "flattend_backlog_bytes",
+		Help: "Bytes the backlog's flattens would copy at most (their parent overlaps)."}))
+	m.passEnd = register(m, prometheus.NewGauge(prometheus.GaugeOpts{Name: "flattend_last_pass_end_timestamp_seconds",
+		Help: "When the last pass ended, however it ended (0: none yet)."}))
+	m.passSuccess = register(m, prometheus.NewGauge(prometheus.GaugeOpts{Name: "flattend_last_pass_success_timestamp_seconds",
+		Help: "When the last pass without a failure ended: discovery worked and no clone failed (0: none yet)."}))
+	m.nextWindow = register(m, prometheus.NewGauge(prometheus.GaugeOpts{Name: "flattend_next_window_open_timestamp_seconds",
+		Help: "When the window opens next, after the open one if it is open (0: never again)."}))
+	m.failingClones = register(m, prometheus.NewGauge(prometheus.GaugeOpts{Name: "flattend_failing_clones",
+		Help: "Clones of the last discovery whose last flatten failed."}))
+	m.worstFailures = register(m, prometheus.NewGauge(prometheus.GaugeOpts{Name: "flattend_clone_consecutive_failures_max",
+		Help: "The most consecutive failures of one clone among the last discovery's (0: none failing); /status names them."}))
+	info := register(m, prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "flattend_node_info",
+		Help: "Always 1: the node name this daemon works for (node: in its config); join on instance."}, []string{"node"}))
+	info.WithLabelValues(node).Set(1)
 	for _, g := range []string{"health", "recovery", "space"} {
 		m.gateClosed.WithLabelValues(g)
 	}
 	return m
 }
 
+// register registers c on m's registry and remembers its name for Names.
+func register[C prometheus.Collector](m *Metrics, c C) C {
+	m.reg.MustRegister(c)
+	ch := make(chan *prometheus.Desc, 1)
+	c.Describe(ch) // one Desc per collector made above
+	m.names = append(m.names, descName.FindStringSubmatch((<-ch).String())[1])
+	return c
+}
+
+// descName finds the name in a Desc's String(), which has no accessor.
+var descName = regexp.MustCompile(`fqName: "([^"]+)"`)
+
+// Names lists the flattend_* metric families (without the _bucket, _sum and _count series of
+// histograms), for the tests that check the shipped rules and dashboard use only these.
+func (m *Metrics) Names() []string { return slices.Clone(m.names) }
+
 // Handler serves the registry in the Prometheus text format.
 func (m *Metrics) Handler() http.Handler {
 	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg})
-}
-
-// Serve listens on addr and serves /metrics until ctx ends. It returns once listening (or with
-// the listen error); the server stops when ctx is done.
-func (m *Metrics) Serve(ctx context.Context, addr string) (net.Addr, <-chan error, error) {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, nil, err
-	}
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", m.Handler())
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	done := make(chan error, 1)
-	go func() {
-		err := srv.Serve(ln)
-		if errors.Is(err, http.ErrServerClosed) {
-			err = nil
-		}
-		done <- err
-	}()
-	go func() {
-		<-ctx.Done()
-		shutdown, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(shutdown)
-	}()
-	return ln.Addr(), done, nil
 }
 
 // FlattenStarted counts a start.
@@ -227,4 +235,46 @@ func (m *Metrics) BuildInfo(version, revision, librbd string) {
 	if m != nil {
 		m.buildInfo.WithLabelValues(version, revision, librbd).Set(1)
 	}
+}
+
+// Backlog sets what is left to flatten: clones and the bytes their flattens would copy.
+func (m *Metrics) Backlog(clones int, bytes uint64) {
+	if m != nil {
+		m.backlogClones.Set(float64(clones))
+		m.backlogBytes.Set(float64(bytes))
+	}
+}
+
+// PassEnded records the end of a pass at t; ok says it had no failure.
+func (m *Metrics) PassEnded(t time.Time, ok bool) {
+	if m == nil {
+		return
+	}
+	m.passEnd.Set(unix(t))
+	if ok {
+		m.passSuccess.Set(unix(t))
+	}
+}
+
+// NextWindowOpen sets when the window opens next (zero: never).
+func (m *Metrics) NextWindowOpen(t time.Time) {
+	if m != nil {
+		m.nextWindow.Set(unix(t))
+	}
+}
+
+// CloneFailures sets how many clones are failing and the most consecutive failures of one.
+func (m *Metrics) CloneFailures(failing, worst int) {
+	if m != nil {
+		m.failingClones.Set(float64(failing))
+		m.worstFailures.Set(float64(worst))
+	}
+}
+
+// unix is t in Unix seconds, 0 for the zero time.
+func unix(t time.Time) float64 {
+	if t.IsZero() {
+		return 0
+	}
+	return float64(t.UnixNano()) / 1e9
 }

@@ -39,9 +39,11 @@ func (s *Scheduler) flattenUnder(ctx context.Context, sess *session, lease Lease
 	log.Info("flatten started", zap.Stringer("parent", info.Parent), zap.Uint64("bytes", info.Overlap), zap.String("lock", lease.Image()))
 	start := time.Now()
 	s.cfg.Metrics.FlattenStarted()
-	s.setState("flattening %s under %s", spec, lease.Image())
+	s.setState(PhaseFlattening, "flattening %s under %s", spec, lease.Image())
 	s.progress.at.Store(start.UnixNano())
 	defer s.progress.at.Store(0)
+	s.setRunning(&FlattenReport{Image: spec.String(), Lock: lease.Image(), StartedAt: start, Bytes: info.Overlap})
+	defer s.setRunning(nil)
 	err := sess.Flatten(fctx, spec, s.cfg.MaxBytesPerSecond, s.onProgress(lease, spec, info, log))
 	result, reason, err := flattenResult(err, lease, context.Cause(gctx))
 	s.cfg.Metrics.FlattenEnded(result, reason, time.Since(start))
@@ -98,7 +100,7 @@ func (s *Scheduler) markAndVerify(ctx context.Context, sess *session, spec rbdim
 		return nil
 	}
 	start := time.Now()
-	s.setState("verifying the copy-ups of %s", spec)
+	s.setState(PhaseVerifying, "verifying the copy-ups of %s", spec)
 	v, err := sess.VerifyCopyups(ctx, spec)
 	s.cfg.Metrics.CopyupsVerified(v.Checked, len(v.CopiedUp))
 	if err != nil {

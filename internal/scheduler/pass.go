@@ -40,19 +40,21 @@ func (s Summary) describe(err error) string {
 
 // Pass discovers this node's clones now and flattens them one at a time until all are done or
 // ctx ends. A clone that fails is logged and counted; the pass goes on with the others.
-func (s *Scheduler) Pass(ctx context.Context) (Summary, error) {
+func (s *Scheduler) Pass(ctx context.Context) (sum Summary, err error) {
+	defer func() { s.passEnded(ctx, sum, err) }()
 	sess, err := s.session()
 	if err != nil {
 		return Summary{}, err
 	}
 	start := time.Now()
-	s.setState("discovering clones")
+	s.setState(PhaseDiscovering, "discovering clones")
 	clones, err := sess.Discover(ctx, s.sources)
 	s.cfg.Metrics.Discovered(len(clones), time.Since(start), err)
 	if err != nil {
 		s.report(ctx, &backlog{start: start}, Summary{}, err)
 		return Summary{}, err
 	}
+	s.discoveredBacklog(clones)
 	s.log.Info("discovered clones", zap.Int("count", len(clones)), zap.Duration("took", time.Since(start)))
 	Order(clones, s.cfg.Order)
 	return s.workPass(ctx, clones, newBacklog(start, clones)), nil
@@ -93,7 +95,7 @@ func (s *Scheduler) workPass(ctx context.Context, clones []discovery.Clone, bl *
 			sum.Skipped = append(sum.Skipped, name+": "+skip)
 			continue
 		}
-		s.setState("clone %d of %d, %s: waiting for a slot", i+1, len(clones), name)
+		s.setState(PhaseWaitingForLock, "clone %d of %d, %s: waiting for a slot", i+1, len(clones), name)
 		o := classify(ctx, s.flattenClone(ctx, c))
 		s.tally(&sum, c, o)
 		s.reportFlatten(ctx, bl, sum, c, o)
@@ -101,7 +103,7 @@ func (s *Scheduler) workPass(ctx context.Context, clones []discovery.Clone, bl *
 			sum.Left += len(clones) - i - 1
 			break
 		}
-		s.setState("clone %d of %d handled: %d flattened, %d failed, %d skipped", i+1, len(clones),
+		s.setState(PhaseInPass, "clone %d of %d handled: %d flattened, %d failed, %d skipped", i+1, len(clones),
 			sum.Flattened, len(sum.Failed), len(sum.Skipped))
 	}
 	if s.sess != nil {
@@ -123,6 +125,7 @@ func (s *Scheduler) tally(sum *Summary, c discovery.Clone, o outcome) {
 		s.budget.clones++
 		s.budget.bytes += c.Overlap
 		delete(s.retries, name)
+		s.flatNow(c)
 	case skipped:
 		sum.Skipped = append(sum.Skipped, name+": "+o.err.Error())
 	case stopped:
@@ -134,6 +137,7 @@ func (s *Scheduler) tally(sum *Summary, c discovery.Clone, o outcome) {
 		r, wait := s.failed(name)
 		log = log.With(zap.Int("failures", r.failures), zap.Duration("retry_in", wait))
 		sum.Failed = append(sum.Failed, name+": "+o.err.Error())
+		s.noteFailures()
 	}
 	switch {
 	case o.logMsg == "":

@@ -46,7 +46,8 @@ func (s *Scheduler) waitForWindow(ctx context.Context, now time.Time) error {
 		return fmt.Errorf("the window schedule never opens again")
 	}
 	s.log.Info("window closed", zap.Time("next_open", next))
-	s.setState("window closed; opens %s", next.Format(time.RFC3339))
+	s.windowClosed(s.cfg, next)
+	s.setState(PhaseWaitingForWindow, "window closed; opens %s", next.Format(time.RFC3339))
 	t := time.NewTimer(time.Until(next))
 	defer t.Stop()
 	s.live.sleeping(time.Until(next))
@@ -63,6 +64,7 @@ func (s *Scheduler) waitForWindow(ctx context.Context, now time.Time) error {
 func (s *Scheduler) runWindow(ctx context.Context, end time.Time) {
 	s.log.Info("window open", zap.Time("until", end))
 	s.cfg.Metrics.WindowOpen(true)
+	s.windowOpened(s.cfg, end)
 	s.budget = budget{}
 	s.windowEnd.Store(end.UnixNano())
 	wctx, cancel := context.WithCancelCause(ctx)
@@ -104,6 +106,7 @@ func (s *Scheduler) followWindowReloads(ctx context.Context, closer *time.Timer,
 			return
 		}
 		s.windowEnd.Store(end.UnixNano())
+		s.windowOpened(p.cfg, end)
 		closer.Reset(time.Until(end))
 		s.log.Info("window end moved by the new configuration", zap.Time("until", end))
 	}
@@ -131,7 +134,7 @@ func (s *Scheduler) workWindow(ctx context.Context) {
 			s.log.Info("pass done", zap.Int("discovered", sum.Discovered), zap.Int("flattened", sum.Flattened),
 				zap.Int("failed", len(sum.Failed)), zap.Duration("next_pass_in", wait))
 		}
-		s.setState("%s; next pass %s", sum.describe(err), time.Now().Add(wait).Format(time.RFC3339))
+		s.setState(PhaseIdle, "%s; next pass %s", sum.describe(err), time.Now().Add(wait).Format(time.RFC3339))
 		if s.pause(ctx, wait) != nil {
 			return
 		}
@@ -169,6 +172,9 @@ func (s *Scheduler) applyReload() {
 		p.cfg.Connect = old.Connect // the connector follows the config by itself
 	}
 	s.cfg, s.sources = p.cfg, p.sources
+	s.rep.mu.Lock()
+	s.rep.node = p.cfg.Node
+	s.rep.mu.Unlock()
 	if p.cfg.Reconnect || old.Lock != p.cfg.Lock || old.Node != p.cfg.Node {
 		s.log.Info("configuration reloaded: reconnecting for the new connection or lock settings")
 		s.discard()

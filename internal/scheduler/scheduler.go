@@ -90,6 +90,7 @@ type Scheduler struct {
 
 	progress progress
 	live     liveness
+	rep      reportState // what /status reads (report.go)
 
 	reloadMu sync.Mutex
 	pending  *reload
@@ -102,8 +103,10 @@ func New(cfg Config, connect Connector, sources []discovery.Source, log *zap.Log
 	if connect != nil {
 		cfg.Connect = connect
 	}
-	return &Scheduler{cfg: cfg, sources: sources, log: log.With(zap.String("node", cfg.Node)),
+	s := &Scheduler{cfg: cfg, sources: sources, log: log.With(zap.String("node", cfg.Node)),
 		retries: map[string]retry{}, reloaded: make(chan struct{}, 1), closeWait: 45 * time.Second}
+	s.rep.node = cfg.Node
+	return s
 }
 
 // Connect makes the first session now, so that a daemon with a Ceph problem fails at start
@@ -182,7 +185,7 @@ type progress struct {
 	// at is when the running flatten last made progress (Unix ns; 0: none runs).
 	at atomic.Int64
 	// state says what the scheduler is doing, done/total how far the running flatten got.
-	state       atomic.Pointer[string]
+	state       atomic.Pointer[stateLine]
 	done, total atomic.Uint64
 }
 
@@ -194,13 +197,18 @@ func (s *Scheduler) State() string {
 	}
 	if s.progress.at.Load() != 0 {
 		if n := s.progress.total.Load(); n > 0 {
-			return fmt.Sprintf("%s: %d%%", *p, 100*min(s.progress.done.Load(), n)/n)
+			return fmt.Sprintf("%s: %d%%", p.msg, 100*min(s.progress.done.Load(), n)/n)
 		}
 	}
-	return *p
+	return p.msg
 }
 
-func (s *Scheduler) setState(format string, args ...any) {
-	msg := fmt.Sprintf(format, args...)
-	s.progress.state.Store(&msg)
+// stateLine is the phase (for /status) and the status line.
+type stateLine struct {
+	phase Phase
+	msg   string
+}
+
+func (s *Scheduler) setState(phase Phase, format string, args ...any) {
+	s.progress.state.Store(&stateLine{phase: phase, msg: fmt.Sprintf(format, args...)})
 }

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -101,21 +102,48 @@ func TestDaemonUnderSystemd(t *testing.T) {
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	for _, want := range []string{
-		fmt.Sprintf(`flattend_flattens_ended_total{node=%q,reason="done",result="flat"} 1`, node),
-		fmt.Sprintf(`flattend_flattens_started_total{node=%q} 1`, node),
-		fmt.Sprintf(`flattend_lock_wait_seconds_count{node=%q} 1`, node),
-		fmt.Sprintf(`flattend_copied_bytes_total{node=%q} 1.6777216e+07`, node),
-		fmt.Sprintf(`flattend_window_open{node=%q} 1`, node),
-		fmt.Sprintf(`flattend_discovered_clones{node=%q} 1`, node),
-		fmt.Sprintf(`flattend_lock_held{node=%q} 0`, node),
-		fmt.Sprintf(`flattend_gate_closed_total{gate="space",node=%q} 0`, node),
+		`flattend_flattens_ended_total{reason="done",result="flat"} 1`,
+		`flattend_flattens_started_total 1`,
+		`flattend_lock_wait_seconds_count 1`,
+		`flattend_copied_bytes_total 1.6777216e+07`,
+		`flattend_window_open 1`,
+		`flattend_discovered_clones 1`,
+		`flattend_lock_held 0`,
+		`flattend_gate_closed_total{gate="space"} 0`,
+		fmt.Sprintf(`flattend_node_info{node=%q} 1`, node),
+		`flattend_backlog_clones 0`,
+		`flattend_backlog_bytes 0`,
+		`flattend_clone_consecutive_failures_max 0`,
 	} {
-		if !strings.Contains(string(body), want) {
+		if !strings.Contains(string(body), "\n"+want+"\n") { // a whole line: not a HELP text
 			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+	for _, series := range []string{"flattend_last_pass_success_timestamp_seconds", "flattend_next_window_open_timestamp_seconds"} {
+		if v := regexp.MustCompile(`(?m)^` + series + ` (\S+)$`).FindStringSubmatch(string(body)); v == nil || v[1] == "0" {
+			t.Errorf("/metrics: %s is %v, want a time", series, v)
 		}
 	}
 	if t.Failed() {
 		t.Logf("/metrics:\n%s", regexp.MustCompile(`(?m)^(#|go_|process_).*\n`).ReplaceAllString(string(body), ""))
+	}
+	// /healthz and /status on the same listener.
+	base := strings.TrimSuffix(served.URL, "/metrics")
+	if code, body := get(t, base+"/healthz"); code != http.StatusOK {
+		t.Errorf("/healthz: %d %s", code, body)
+	}
+	var st struct {
+		Node     string              `json:"node"`
+		State    string              `json:"state"`
+		Window   struct{ Open bool } `json:"window"`
+		LastPass *struct {
+			Result    string `json:"result"`
+			Flattened int    `json:"flattened"`
+		} `json:"last_pass"`
+	}
+	if code, body := get(t, base+"/status"); code != http.StatusOK || json.Unmarshal([]byte(body), &st) != nil ||
+		st.Node != node || st.State != "idle" || !st.Window.Open || st.LastPass == nil || st.LastPass.Result != "ok" || st.LastPass.Flattened != 1 {
+		t.Errorf("/status: %d %s", code, body)
 	}
 
 	// An invalid file: rejected, named file:line, the daemon goes on.
@@ -280,4 +308,19 @@ func TestReloadKeepsRunningFlatten(t *testing.T) {
 		t.Errorf("exit %d on SIGTERM", code)
 	}
 	cephtest.AssertFlatAndIntact(t, n.ioctx, n.parent, n.clone)
+}
+
+// get returns a GET's status code and body.
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.StatusCode, string(body)
 }

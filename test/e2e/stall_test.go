@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"net/http"
 	"strings"
 	"syscall"
 	"testing"
@@ -77,6 +78,18 @@ func TestPausedOSDsCannotWedgeRun(t *testing.T) {
 	pr := startWithEnv(t, []string{"NOTIFY_SOCKET=" + notify.path, "WATCHDOG_USEC=2000000"}, "run", "--config", paced)
 	pr.waitFor(t, time.Minute, "flatten started", func(e event) bool { return e.Msg == "flatten started" })
 	notify.waitFor(t, "WATCHDOG=1", 3*watchdog)
+	served := pr.waitFor(t, time.Second, "metrics address", func(e event) bool { return e.Msg == "serving metrics" })
+	base := strings.TrimSuffix(served.URL, "/metrics")
+	flattening := `"image": "` + cephtest.Pool + "/" + n.clone + `"`
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) { // "flatten started" is logged just before
+		code, body := get(t, base+"/status")
+		if code == http.StatusOK && strings.Contains(body, flattening) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/status while flattening: %d, lacks %s:\n%s", code, flattening, body)
+		}
+	}
 	unpause := pauseOSDs(t, conn)
 	// Pings already on their way when the flatten stopped moving may still arrive: drop what
 	// came within a watchdog period of the pause, then expect silence for several periods.
@@ -85,6 +98,13 @@ func TestPausedOSDsCannotWedgeRun(t *testing.T) {
 	time.Sleep(4 * watchdog)
 	if after := notify.count("WATCHDOG=1"); after != before {
 		t.Errorf("%d watchdog pings while the OSDs were paused and the flatten could not move", after-before)
+	}
+	// /healthz says so too (its limit is the watchdog period), and /status still answers.
+	if code, body := get(t, base+"/healthz"); code != http.StatusServiceUnavailable {
+		t.Errorf("/healthz with the main loop stalled: %d %s, want 503", code, body)
+	}
+	if code, body := get(t, base+"/status"); code != http.StatusOK || !strings.Contains(body, `"state": "flattening"`) {
+		t.Errorf("/status with the main loop stalled: %d\n%s", code, body)
 	}
 	if err := pr.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)

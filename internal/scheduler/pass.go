@@ -47,17 +47,17 @@ func (s *Scheduler) Pass(ctx context.Context) (sum Summary, err error) {
 		return Summary{}, err
 	}
 	start := time.Now()
+	s.passStarted(start)
 	s.setState(PhaseDiscovering, "discovering clones")
 	clones, err := sess.Discover(ctx, s.sources)
 	s.cfg.Metrics.Discovered(len(clones), time.Since(start), err)
 	if err != nil {
-		s.report(ctx, &backlog{start: start}, Summary{}, err)
 		return Summary{}, err
 	}
 	s.discoveredBacklog(clones)
 	s.log.Info("discovered clones", zap.Int("count", len(clones)), zap.Duration("took", time.Since(start)))
 	Order(clones, s.cfg.Order)
-	return s.workPass(ctx, clones, newBacklog(start, clones)), nil
+	return s.work(ctx, clones), nil
 }
 
 // FlattenNamed flattens the clones an operator named (in this order) like a pass does, for
@@ -68,17 +68,8 @@ func (s *Scheduler) FlattenNamed(ctx context.Context, clones []discovery.Clone) 
 
 // work runs the job of each clone in turn, and tallies the outcomes.
 func (s *Scheduler) work(ctx context.Context, clones []discovery.Clone) Summary {
-	return s.workPass(ctx, clones, nil) // named clones are not this node's backlog: no fleet summary
-}
-
-// workPass is work whose backlog, unless nil, goes into the fleet summary after each flatten and
-// at the end.
-func (s *Scheduler) workPass(ctx context.Context, clones []discovery.Clone, bl *backlog) Summary {
 	sum := Summary{Discovered: len(clones)}
-	defer func() {
-		s.cfg.Metrics.Pass(sum.Flattened, len(sum.Failed), len(sum.Skipped), sum.Left)
-		s.report(ctx, bl, sum, nil)
-	}()
+	defer func() { s.cfg.Metrics.Pass(sum.Flattened, len(sum.Failed), len(sum.Skipped), sum.Left) }()
 	for i, c := range clones {
 		s.applyReload() // between two flattens: no lease is held
 		name := c.Spec.String()
@@ -98,7 +89,9 @@ func (s *Scheduler) workPass(ctx context.Context, clones []discovery.Clone, bl *
 		s.setState(PhaseWaitingForLock, "clone %d of %d, %s: waiting for a slot", i+1, len(clones), name)
 		o := classify(ctx, s.flattenClone(ctx, c))
 		s.tally(&sum, c, o)
-		s.reportFlatten(ctx, bl, sum, c, o)
+		if o.kind == flat || o.kind == failed {
+			s.writeSummary(sum, nil) // a flatten ran: the fleet sees the pass so far
+		}
 		if sum.Stopped != "" {
 			sum.Left += len(clones) - i - 1
 			break

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/flattend/flattend/internal/discovery"
+	"github.com/flattend/flattend/internal/fleet"
 	"github.com/flattend/flattend/internal/metrics"
 )
 
@@ -104,6 +105,7 @@ type reportState struct {
 	running     *FlattenReport
 	backlog     map[string]uint64 // clone → overlap, of the last discovery, less those flat since
 	discovered  time.Time
+	passStart   time.Time // of the pass that runs (zero: none, or `once --image`), for the fleet summary
 	lastPass    *PassReport
 	lastSuccess *time.Time
 	failing     []FailingClone
@@ -169,6 +171,14 @@ func (s *Scheduler) setRunning(f *FlattenReport) {
 	s.rep.mu.Unlock()
 }
 
+// passStarted records the start of a pass (not `once --image`, which names clones that are not
+// the node's backlog).
+func (s *Scheduler) passStarted(start time.Time) {
+	s.rep.mu.Lock()
+	s.rep.passStart = start
+	s.rep.mu.Unlock()
+}
+
 // discoveredBacklog makes clones the backlog.
 func (s *Scheduler) discoveredBacklog(clones []discovery.Clone) {
 	b := make(map[string]uint64, len(clones))
@@ -216,28 +226,24 @@ func (s *Scheduler) noteFailures() {
 }
 
 // passEnded records how a pass ended: sum, or err for a pass that failed as a whole; ctx is the
-// pass's.
+// pass's. It also writes the fleet summary of the pass.
 func (s *Scheduler) passEnded(ctx context.Context, sum Summary, err error) {
 	now := time.Now()
 	p := &PassReport{EndedAt: now, Flattened: sum.Flattened, Failed: len(sum.Failed), Skipped: len(sum.Skipped), Left: sum.Left}
-	switch {
-	case err != nil:
-		p.Error = err.Error()
-	case len(sum.Failed) > 0:
-		p.Error = sum.Failed[len(sum.Failed)-1]
-	default:
+	p.Error = passError(sum, err)
+	if p.Error == "" {
 		p.Error = sum.Stopped
 	}
 	s.rep.mu.Lock()
 	switch {
 	case err != nil || len(sum.Failed) > 0:
-		p.Result = "failed"
+		p.Result = fleet.Failed
 	case len(s.rep.backlog) == 0:
-		p.Result = "ok"
+		p.Result = fleet.OK
 	case ctx.Err() != nil:
-		p.Result = "cancelled"
+		p.Result = fleet.Cancelled
 	default:
-		p.Result = "partial"
+		p.Result = fleet.Partial
 	}
 	ok := err == nil && len(sum.Failed) == 0
 	s.rep.lastPass = p
@@ -247,6 +253,18 @@ func (s *Scheduler) passEnded(ctx context.Context, sum Summary, err error) {
 	s.rep.mu.Unlock()
 	s.noteFailures()
 	s.cfg.Metrics.PassEnded(now, ok)
+	s.writeSummary(sum, p)
+}
+
+// passError is the pass's own error, else its last clone's failure ("" if none).
+func passError(sum Summary, err error) string {
+	switch {
+	case err != nil:
+		return err.Error()
+	case len(sum.Failed) > 0:
+		return sum.Failed[len(sum.Failed)-1]
+	}
+	return ""
 }
 
 func backlogSize(b map[string]uint64) (clones int, bytes uint64) {

@@ -16,12 +16,14 @@ import (
 
 func statusFlags(fs *flag.FlagSet, o *options) {
 	fs.BoolVar(&o.json, "json", false, "print JSON (the format is documented in docs/operations.md)")
+	adminFlags(fs, &o.admin)
+	lockFlags(fs, &o.admin)
 }
 
 // runStatus is `flattend status`: who holds each slot of the lock, on what, how far, and who
 // waits.
 func runStatus(_ context.Context, e *env, o options) int {
-	return showStatus(e.cfg, e.dial, o.json, e.stdout, e.stderr)
+	return showStatus(lockSlots(e), e.dial, o.json, e.stdout, e.stderr)
 }
 
 func showStatus(cfg *config.Config, dial func() (*rados.Conn, error), asJSON bool, stdout, stderr io.Writer) int {
@@ -62,7 +64,15 @@ func withSlots(cfg *config.Config, dial func() (*rados.Conn, error), stderr io.W
 		return exitCode(err)
 	}
 	defer conn.Shutdown()
-	slots, err := lock.ReadStatus(conn, cfg.Lock.Pool, cfg.Lock.Image, cfg.Lock.Slots)
+	n := cfg.Lock.Slots
+	if n == 0 { // no config file: as many as the lock has
+		n, err = lock.SlotsFound(conn, cfg.Lock.Pool, cfg.Lock.Image)
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return exitFailure
+	}
+	slots, err := lock.ReadStatus(conn, cfg.Lock.Pool, cfg.Lock.Image, n)
 	if err != nil {
 		fmt.Fprintln(stderr, err)
 		return exitFailure

@@ -151,3 +151,26 @@ func TestAdminPlanWithoutConfig(t *testing.T) {
 		t.Errorf("plan without a pool or a config: exit %d, want 2\n%s", code, out)
 	}
 }
+
+// check names the lock pool that is missing (lock.pool defaults to rbd, which OpenStack clusters
+// often lack) with the commands that create it; once they ran, check passes.
+func TestCheckSaysHowToCreateLockPool(t *testing.T) {
+	conn := cephtest.Connect(t)
+	cephtest.IOContext(t, conn)
+	pool := cephtest.Name(t, "lockpool")
+	conf := nodeConfig(t, cephtest.Name(t, "n"), "flattend-lock", "lock: {pool: "+pool+", check_interval: 1s}")
+	code, out := runCmd(t, time.Minute, "check", "--config", conf)
+	create := "ceph osd pool create " + pool + " 32 && rbd pool init " + pool
+	caps := "ceph auth caps client." + cephtest.DaemonUser() + " mon 'profile rbd' osd 'profile rbd pool=" + pool + ", profile rbd pool=" + cephtest.Pool + "'"
+	if code != 1 || !strings.Contains(out, "lock: pool \""+pool+"\" (lock.pool) does not exist") ||
+		!strings.Contains(out, "\n    "+create+"\n") || !strings.Contains(out, "\n    "+caps+"\n") {
+		t.Fatalf("check without the lock pool: exit %d, want 1 and\n%s\n%s\ngot:\n%s", code, create, caps, out)
+	}
+	// What it says to run works (as an admin; the test key's caps cover every pool already).
+	if b, err := exec.Command("sh", "-c", create).CombinedOutput(); err != nil {
+		t.Fatalf("%s: %v\n%s", create, err, b)
+	}
+	if code, out := runCmd(t, time.Minute, "check", "--config", conf); code != 0 {
+		t.Errorf("check after creating the lock pool: exit %d\n%s", code, out)
+	}
+}

@@ -27,6 +27,7 @@ func lockPoolMissing(cfg *config.Config, conn *rados.Conn, stderr io.Writer) boo
 	fmt.Fprintf(stderr, "    ceph osd pool create %s 32 && rbd pool init %s\n", p, p)
 	fmt.Fprintf(stderr, "  and give client.%s access to it beside the pools it flattens in:\n", cfg.Ceph.User)
 	fmt.Fprintf(stderr, "    %s\n", capsCommand(cfg))
+	fmt.Fprintf(stderr, "  (caps replaces the key's caps: add the grants `ceph auth get client.%s` shows that this line lacks, such as profile rbd-read-only pool=images for parents elsewhere)\n", cfg.Ceph.User)
 	fmt.Fprintln(stderr, "  or set lock.pool (and --lock-pool of status and unlock) to an existing pool, the same on every node.")
 	return true
 }

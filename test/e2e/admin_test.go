@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -99,6 +100,17 @@ func TestAdminCommandsWithoutConfig(t *testing.T) {
 	}
 	status([]string{"CEPH_CONF=" + cephtest.ConfPath(t), "CEPH_ARGS=" + args})
 	status([]string{"CEPH_ARGS=--conf " + cephtest.ConfPath(t) + " " + args})
+
+	if cephtest.DaemonKeyring() != "" { // cephx: the key named is the key used
+		empty := filepath.Join(t.TempDir(), "empty.keyring")
+		if err := os.WriteFile(empty, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		code, out := runAdmin(t, nil, append([]string{"status", "--conf", cephtest.ConfPath(t), "--id", cephtest.DaemonUser(), "--keyring", empty}, lockPlace...)...)
+		if code != 3 || !strings.Contains(out, "connecting as client."+cephtest.DaemonUser()) {
+			t.Errorf("status with an empty keyring: exit %d, want 3 (not authenticated)\n%s", code, out)
+		}
+	}
 
 	// The flags override the environment, as rbd's do.
 	if code, out := runAdmin(t, []string{"CEPH_ARGS=--name osd.0"}, "status"); code != 2 || !strings.Contains(out, "CEPH_ARGS: --name \"osd.0\": give a client's name") {

@@ -63,24 +63,32 @@ func journaled(t *testing.T, f, named *os.File, args ...string) *exec.Cmd {
 	return cmd
 }
 
-// Under journald each log line starts with sd-daemon's priority prefix and carries no timestamp
-// of its own, so `journalctl -p warning` shows warnings and errors only; with stderr elsewhere
-// (JOURNAL_STREAM naming another file) the lines are as before.
-func TestJournalPriorities(t *testing.T) {
+// journalConfigs make a node with one clone to flatten and two console-format configs for it:
+// conf logs at debug, info and warn (a config warning: the pattern matches Glance's "snap"); down
+// names an unreachable cluster, and logs an error.
+func journalConfigs(t *testing.T) (node, conf, down string) {
+	t.Helper()
 	conn := cephtest.Connect(t)
 	ioctx := cephtest.IOContext(t, conn)
 	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 4<<20, 22)
-	node := cephtest.Name(t, "n")
+	node = cephtest.Name(t, "n")
 	cephtest.Clone(t, ioctx, p, node+"-c", node)
-	// A config warning (the pattern matches Glance's "snap") logs at warn; the pass at info and debug.
-	conf := nodeConfig(t, node, cephtest.Name(t, "lock"), "log: {level: debug, format: console}\n"+
+	conf = nodeConfig(t, node, cephtest.Name(t, "lock"), "log: {level: debug, format: console}\n"+
 		"cleanup: {parent_snapshots: true, snapshot_pattern: \"^snap$\"}")
 	unreachable := filepath.Join(t.TempDir(), "ceph.conf")
 	if err := os.WriteFile(unreachable, []byte("[global]\nmon host = 127.0.0.1:1\nauth_client_required = none\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	down := nodeConfig(t, node, cephtest.Name(t, "lock"), "log: {level: debug, format: console}\n"+
+	down = nodeConfig(t, node, cephtest.Name(t, "lock"), "log: {level: debug, format: console}\n"+
 		fmt.Sprintf("ceph: {conf: %s, user: admin, connect_timeout: 2s}", unreachable))
+	return node, conf, down
+}
+
+// Under journald each log line starts with sd-daemon's priority prefix and carries no timestamp
+// of its own, so `journalctl -p warning` shows warnings and errors only; with stderr elsewhere
+// (JOURNAL_STREAM naming another file) the lines are as before.
+func TestJournalPriorities(t *testing.T) {
+	_, conf, down := journalConfigs(t)
 
 	prefixed := regexp.MustCompile(`^<([0-7])>(DEBUG|INFO|WARN|ERROR)\t`)
 	want := map[string]string{"DEBUG": "7", "INFO": "6", "WARN": "4", "ERROR": "3"}
@@ -160,19 +168,7 @@ exec ` + bin
 // the priority of its level, without the prefix, and `journalctl -p warning` keeps warnings and
 // errors only.
 func TestJournaldStoresPriorities(t *testing.T) {
-	conn := cephtest.Connect(t)
-	ioctx := cephtest.IOContext(t, conn)
-	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 4<<20, 22)
-	node := cephtest.Name(t, "n")
-	cephtest.Clone(t, ioctx, p, node+"-c", node)
-	conf := nodeConfig(t, node, cephtest.Name(t, "lock"), "log: {level: debug, format: console}\n"+
-		"cleanup: {parent_snapshots: true, snapshot_pattern: \"^snap$\"}")
-	unreachable := filepath.Join(t.TempDir(), "ceph.conf")
-	if err := os.WriteFile(unreachable, []byte("[global]\nmon host = 127.0.0.1:1\nauth_client_required = none\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	down := nodeConfig(t, node, cephtest.Name(t, "lock"), "log: {level: debug, format: console}\n"+
-		fmt.Sprintf("ceph: {conf: %s, user: admin, connect_timeout: 2s}", unreachable))
+	node, conf, down := journalConfigs(t)
 
 	sock, dir := journald(t)
 	ident := node // SYSLOG_IDENTIFIER of this test's entries

@@ -48,23 +48,23 @@ func planSourceFlags(fs *flag.FlagSet, a *adminOptions) {
 		})
 }
 
-// loadConfig reads a command's configuration, and returns with it the Ceph arguments librados
-// applies over ceph.conf. The admin commands read the file only if there is one (or --config
-// names it), then take, over it, CEPH_ARGS and CEPH_CONF, then their own flags, as rbd does.
-func loadConfig(o options, cmd command) (cfg *config.Config, found bool, cephArgs []string, err error) {
+// loadConfig reads a command's configuration. The admin commands read the file only if there is
+// one (or --config names it), then take, over it, CEPH_CONF and CEPH_ARGS, then their own flags,
+// as rbd does (librados reads the other options of CEPH_ARGS itself, for every command).
+func loadConfig(o options, cmd command) (cfg *config.Config, found bool, err error) {
 	if !cmd.admin {
 		cfg, err = config.Load(o.config)
-		return cfg, true, nil, err
+		return cfg, true, err
 	}
 	env, err := cephconn.ParseArgs(strings.Fields(os.Getenv("CEPH_ARGS")))
 	if err != nil {
-		return nil, false, nil, fmt.Errorf("CEPH_ARGS: %w", err)
+		return nil, false, fmt.Errorf("CEPH_ARGS: %w", err)
 	}
 	a := o.admin
 	id := a.id
 	if a.name != "" {
 		if id, err = cephconn.NameToID(a.name); err != nil {
-			return nil, false, nil, err
+			return nil, false, err
 		}
 	}
 	cfg, found, err = config.LoadAdmin(config.Admin{Path: o.config, Required: o.configSet, Discovery: cmd.discovers,
@@ -82,7 +82,7 @@ func loadConfig(o options, cmd command) (cfg *config.Config, found bool, cephArg
 	if err != nil && cmd.discovers && !found && len(a.pools) == 0 {
 		err = fmt.Errorf("%s does not exist and no --pool is given: name the pools to look in with --pool POOL (and the node with --node NODE), or write the config (--config)", o.config)
 	}
-	return cfg, found, env.Rest, err
+	return cfg, found, err
 }
 
 // first is the first non-empty string.

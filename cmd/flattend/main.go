@@ -167,7 +167,7 @@ func parseFlags(name string, cmd command, args []string, stderr io.Writer) (o op
 
 // newEnv loads the config and makes the logger and the dialer; false after printing why not.
 func newEnv(o options, cmd command, stdout, stderr io.Writer) (*env, bool) {
-	cfg, found, cephArgs, err := loadConfig(o, cmd)
+	cfg, found, err := loadConfig(o, cmd)
 	if err != nil {
 		fmt.Fprintln(stderr, err)
 		return nil, false
@@ -181,7 +181,7 @@ func newEnv(o options, cmd command, stdout, stderr io.Writer) (*env, bool) {
 	e := &env{cfg: cfg, fromFile: found, current: new(atomic.Pointer[config.Config]), level: level, log: log,
 		stdin: os.Stdin, stdout: stdout, stderr: stderr}
 	e.current.Store(cfg)
-	e.dial = newDialer(e.current, cephArgs)
+	e.dial = newDialer(e.current)
 	return e, true
 }
 

@@ -100,13 +100,8 @@ func closeScheduler(sched *scheduler.Scheduler) {
 
 // newDialer returns a dialer that follows config reloads (SIGHUP): the next connection uses the
 // new settings.
-// cephArgs are Ceph command line options (CEPH_ARGS of the admin commands) for librados.
-func newDialer(current *atomic.Pointer[config.Config], cephArgs []string) func() (*rados.Conn, error) {
-	return func() (*rados.Conn, error) {
-		o := cephOptions(current.Load())
-		o.Args = cephArgs
-		return cephconn.Dial(o)
-	}
+func newDialer(current *atomic.Pointer[config.Config]) func() (*rados.Conn, error) {
+	return func() (*rados.Conn, error) { return cephconn.Dial(cephOptions(current.Load())) }
 }
 
 func cephOptions(cfg *config.Config) cephconn.Options {

@@ -5,15 +5,15 @@ import (
 	"strings"
 )
 
-// Args are Ceph command line arguments (CEPH_ARGS) split as Ceph's own tools split them: the
-// settings needed before a cluster handle exists (ceph_argparse_early_args: which ceph.conf, which
-// cephx user) and the keyring are read here; Rest is left to librados (rados_conf_parse_argv),
-// which applies every other option (--mon_host, --keyfile, --debug_ms …) over ceph.conf.
+// Args are what Ceph's tools read from CEPH_ARGS before they create their cluster handle
+// (ceph_argparse_early_args: which ceph.conf, which cephx user), and the keyring, whose place
+// among the settings flattend decides. librados reads CEPH_ARGS itself when the handle is created
+// (md_config_t::parse_env) and applies every other option in it (--mon_host, --debug_ms …) over
+// ceph.conf; it cannot apply these.
 type Args struct {
-	Conf    string   // --conf, -c
-	ID      string   // --id, --user, or --name/-n without "client."
-	Keyring string   // --keyring, -k
-	Rest    []string // the others, for Options.Args
+	Conf    string // --conf, -c
+	ID      string // --id, --user, or --name/-n without "client."
+	Keyring string // --keyring, -k
 }
 
 // ParseArgs reads args ("--id admin", "--id=admin", "-n client.admin" …). A name that is not a
@@ -34,8 +34,7 @@ func ParseArgs(args []string) (Args, error) {
 		case "--keyring", "-k":
 			dst = &a.Keyring
 		default:
-			a.Rest = append(a.Rest, args[i])
-			continue
+			continue // librados' own
 		}
 		if !inline {
 			if i+1 == len(args) {

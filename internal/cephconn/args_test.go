@@ -6,7 +6,7 @@ import (
 	"testing"
 )
 
-// CEPH_ARGS as rbd reads it: the early settings here, the rest for librados.
+// CEPH_ARGS as rbd reads it: the early settings here, the rest left to librados.
 func TestParseArgs(t *testing.T) {
 	for _, tc := range []struct {
 		in   string
@@ -16,7 +16,7 @@ func TestParseArgs(t *testing.T) {
 		{in: "--id admin", want: Args{ID: "admin"}},
 		{in: "--id=admin --conf=/x/ceph.conf", want: Args{ID: "admin", Conf: "/x/ceph.conf"}},
 		{in: "--user flattend -k /k -c /c", want: Args{ID: "flattend", Keyring: "/k", Conf: "/c"}},
-		{in: "-n client.admin --mon_host 1.2.3.4 --debug_ms=1", want: Args{ID: "admin", Rest: []string{"--mon_host", "1.2.3.4", "--debug_ms=1"}}},
+		{in: "-n client.admin --mon_host 1.2.3.4 --debug_ms=1", want: Args{ID: "admin"}},
 		{in: "--name=client.flattend", want: Args{ID: "flattend"}},
 		{in: "--id client.admin", want: Args{ID: "admin"}},
 		{in: "--name osd.0", err: `--name "osd.0": give a client's name`},

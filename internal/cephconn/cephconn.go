@@ -33,8 +33,6 @@ type Options struct {
 	// ConcurrentOps is rbd_concurrent_management_ops for images opened on this connection: the
 	// number of object copy-ups a flatten keeps in flight.
 	ConcurrentOps int
-	// Args are Ceph command line options (from CEPH_ARGS: see Args.Rest) applied over ceph.conf.
-	Args []string
 }
 
 // Dial connects to the cluster. The caller owns the connection and must Shutdown it.
@@ -45,11 +43,6 @@ func Dial(o Options) (*rados.Conn, error) {
 	}
 	if err := conn.ReadConfigFile(o.ConfPath); err != nil {
 		return nil, fmt.Errorf("%w: reading %s: %v (check ceph.conf)", ErrUnreachable, o.ConfPath, err)
-	}
-	if len(o.Args) > 0 {
-		if err := conn.ParseCmdLineArgs(o.Args); err != nil {
-			return nil, fmt.Errorf("%w: Ceph arguments %q: %v", ErrUnreachable, o.Args, err)
-		}
 	}
 	set := map[string]string{
 		// Fencing must not depend on a node's ceph.conf: a lock this client breaks blocklists

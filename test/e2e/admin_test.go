@@ -100,6 +100,21 @@ func TestAdminCommandsWithoutConfig(t *testing.T) {
 	}
 	status([]string{"CEPH_CONF=" + cephtest.ConfPath(t), "CEPH_ARGS=" + args})
 	status([]string{"CEPH_ARGS=--conf " + cephtest.ConfPath(t) + " " + args})
+	// librados applies the other options of CEPH_ARGS over ceph.conf: here the monitors' address.
+	var monHost string
+	var noMon []string
+	for _, l := range strings.Split(string(must(os.ReadFile(cephtest.ConfPath(t)))), "\n") {
+		if k, v, ok := strings.Cut(l, "="); ok && strings.TrimSpace(k) == "mon host" {
+			monHost = strings.TrimSpace(v)
+			continue
+		}
+		noMon = append(noMon, l)
+	}
+	noMonConf := filepath.Join(t.TempDir(), "ceph.conf")
+	if err := os.WriteFile(noMonConf, []byte(strings.Join(noMon, "\n")), 0o644); err != nil || monHost == "" {
+		t.Fatalf("no mon host in %s (%v)", cephtest.ConfPath(t), err)
+	}
+	status([]string{"CEPH_ARGS=--conf " + noMonConf + " --mon_host " + monHost + " " + args})
 
 	if cephtest.DaemonKeyring() != "" { // cephx: the key named is the key used
 		empty := filepath.Join(t.TempDir(), "empty.keyring")

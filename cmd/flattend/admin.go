@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -61,6 +62,11 @@ func loadConfig(o options, cmd command) (cfg *config.Config, found bool, err err
 		return nil, false, fmt.Errorf("CEPH_ARGS: %w", err)
 	}
 	a := o.admin
+	if cmd.discovers && !o.configSet && len(a.pools) == 0 {
+		if _, err := os.Stat(o.config); errors.Is(err, os.ErrNotExist) {
+			return nil, false, fmt.Errorf("%s does not exist and no --pool is given: name the pools to look in with --pool POOL (and the node with --node NODE), or write the config (--config)", o.config)
+		}
+	}
 	id := a.id
 	if a.name != "" {
 		if id, err = cephconn.NameToID(a.name); err != nil {
@@ -79,9 +85,6 @@ func loadConfig(o options, cmd command) (cfg *config.Config, found bool, err err
 				c.Discovery.Pools, c.Discovery.Libvirt = a.pools, nil
 			}
 		}})
-	if err != nil && cmd.discovers && !found && len(a.pools) == 0 {
-		err = fmt.Errorf("%s does not exist and no --pool is given: name the pools to look in with --pool POOL (and the node with --node NODE), or write the config (--config)", o.config)
-	}
 	return cfg, found, err
 }
 

@@ -38,7 +38,11 @@ func runUnlock(_ context.Context, e *env, o options) int {
 // holder's client id, then checks that the holder is blocklisted.
 func unlock(cfg *config.Config, dial func() (*rados.Conn, error), o options, stdin io.Reader, stdout, stderr io.Writer) int {
 	slot := o.slot
-	if slot < 0 || (cfg.Lock.Slots > 0 && slot >= cfg.Lock.Slots) { // 0: no config file, checked below
+	if slot < 0 && cfg.Lock.Slots == 0 { // no config file: the lock's slots are checked below
+		fmt.Fprintf(stderr, "flattend unlock: --slot %d: slots are numbered from 0\n", slot)
+		return exitUsage
+	}
+	if slot < 0 || (cfg.Lock.Slots > 0 && slot >= cfg.Lock.Slots) {
 		fmt.Fprintf(stderr, "flattend unlock: --slot %d: the configuration has slots 0..%d\n", slot, cfg.Lock.Slots-1)
 		return exitUsage
 	}

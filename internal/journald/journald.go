@@ -8,10 +8,10 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"syscall"
 
 	"go.uber.org/zap/buffer"
 	"go.uber.org/zap/zapcore"
-	"golang.org/x/sys/unix"
 )
 
 // Priorities of sd-daemon(3) (syslog's levels).
@@ -51,11 +51,12 @@ func IsJournal(f *os.File) bool {
 	if n, e := fmt.Sscanf(v, "%d:%d", &dev, &ino); n != 2 || e != nil {
 		return false
 	}
-	var st unix.Stat_t
-	if unix.Fstat(int(f.Fd()), &st) != nil {
+	fi, e := f.Stat() // fstat(2), without Fd()'s switch to blocking mode
+	if e != nil {
 		return false
 	}
-	return uint64(st.Dev) == dev && st.Ino == ino
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	return ok && uint64(st.Dev) == dev && st.Ino == ino
 }
 
 // Encoder wraps enc so that every line of every entry starts with the entry's priority prefix.

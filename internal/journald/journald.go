@@ -16,26 +16,26 @@ import (
 
 // Priorities of sd-daemon(3) (syslog's levels).
 const (
-	crit    = 2 // SD_CRIT
-	err     = 3 // SD_ERR
-	warning = 4 // SD_WARNING
-	info    = 6 // SD_INFO
-	debug   = 7 // SD_DEBUG
+	sdCrit    = 2
+	sdErr     = 3
+	sdWarning = 4
+	sdInfo    = 6
+	sdDebug   = 7
 )
 
 // Priority is the syslog priority journald stores for a zap level.
 func Priority(l zapcore.Level) int {
 	switch {
 	case l <= zapcore.DebugLevel:
-		return debug
+		return sdDebug
 	case l == zapcore.InfoLevel:
-		return info
+		return sdInfo
 	case l == zapcore.WarnLevel:
-		return warning
+		return sdWarning
 	case l == zapcore.ErrorLevel:
-		return err
+		return sdErr
 	default: // dpanic, panic, fatal
-		return crit
+		return sdCrit
 	}
 }
 
@@ -48,11 +48,11 @@ func IsJournal(f *os.File) bool {
 		return false
 	}
 	var dev, ino uint64
-	if n, e := fmt.Sscanf(v, "%d:%d", &dev, &ino); n != 2 || e != nil {
+	if n, err := fmt.Sscanf(v, "%d:%d", &dev, &ino); n != 2 || err != nil {
 		return false
 	}
-	fi, e := f.Stat() // fstat(2), without Fd()'s switch to blocking mode
-	if e != nil {
+	fi, err := f.Stat() // fstat(2), without Fd()'s switch to blocking mode
+	if err != nil {
 		return false
 	}
 	st, ok := fi.Sys().(*syscall.Stat_t)
@@ -77,9 +77,9 @@ var pool = buffer.NewPool()
 func (p prefixEncoder) Clone() zapcore.Encoder { return prefixEncoder{p.Encoder.Clone()} }
 
 func (p prefixEncoder) EncodeEntry(ent zapcore.Entry, fields []zapcore.Field) (*buffer.Buffer, error) {
-	line, e := p.Encoder.EncodeEntry(ent, fields)
-	if e != nil {
-		return nil, e
+	line, err := p.Encoder.EncodeEntry(ent, fields)
+	if err != nil {
+		return nil, err
 	}
 	defer line.Free()
 	prefix := fmt.Sprintf("<%d>", Priority(ent.Level))

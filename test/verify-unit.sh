@@ -26,6 +26,12 @@ if ! grep -Eq '^RestartPreventExitStatus=(.* )?2( |$)' "$unit"; then
 	echo "verify-unit: $unit: RestartPreventExitStatus must list 2 (config errors must not restart in a loop)" >&2
 	exit 1
 fi
+# Log priorities reach the journal through the <N> prefix of each line on stderr (internal/journald):
+# stderr must stay the journal stream, with SyslogLevelPrefix= at its default (yes).
+if grep -Eq '^(SyslogLevelPrefix=(no|false|off|0)|StandardError=(null|tty|file:|append:|truncate:|socket))' "$unit"; then
+	echo "verify-unit: $unit: stderr must go to the journal with SyslogLevelPrefix=yes (log priorities)" >&2
+	exit 1
+fi
 stop=$(sed -n 's/^TimeoutStopSec=//p' "$unit")
 secs=$(systemd-analyze timespan "${stop:-90s}" | sed -n 's/^ *μs: *//p')
 if [[ -z $secs ]] || ((secs < 35000000)); then

@@ -51,6 +51,9 @@ func check(cfg *config.Config, dial func() (*rados.Conn, error), stdout, stderr 
 
 // checkLock checks the lock image; one that does not exist yet is fine if its pool does.
 func checkLock(cfg *config.Config, conn *rados.Conn, stdout, stderr io.Writer) bool {
+	if lockPoolMissing(cfg, conn, stderr) {
+		return false
+	}
 	m, err := lock.New(conn, lockOptions(cfg))
 	if err == nil {
 		err = m.Check()

@@ -42,13 +42,20 @@ Usage:
   flattend once   [--config PATH] [--timeout D] [--image POOL/IMAGE] [--ignore-gates]
                                           one pass now, ignoring the window
   flattend check  [--config PATH]         validate the config and the Ceph connection
-  flattend status [--config PATH] [--json]
+  flattend status [--config PATH] [CEPH] [--lock-pool P] [--lock-image I] [--json]
                                           who holds the cluster-wide lock, on what, how far
-  flattend plan   [--config PATH] [--json]
+  flattend status --nodes [--config PATH] [CEPH] [--lock-pool P] [--lock-image I] [--json]
+                                          every node: version, last pass, backlog, next window
+  flattend plan   [--config PATH] [CEPH] [--node N] [--pool P[/NS]]... [--json]
                                           this node's clones in flatten order, and why (changes nothing)
-  flattend unlock --force [--force-live] [--slot N] [--yes] [--config PATH]
+  flattend unlock --force [--force-live] [--slot N] [--yes] [--config PATH] [CEPH]
+                  [--lock-pool P] [--lock-image I]
                                           break a stuck holder's lock (blocklists its client)
   flattend version                        flattend's version, the librbd it runs with, the workarounds on
+
+status, plan and unlock also run without a config file (an admin node): CEPH is rbd's
+  --conf/-c FILE, --id ID or --name/-n client.ID, --keyring/-k FILE, and CEPH_CONF and
+  CEPH_ARGS are read as rbd reads them; without a file the user is client.admin.
 
 Run "flattend COMMAND --help" for a command's options.
 
@@ -59,6 +66,8 @@ after SIGTERM or once --timeout), 2 usage/config error, 3 cannot reach or authen
 // options are the command line flags; each command defines its own besides --config.
 type options struct {
 	config      string
+	configSet   bool          // --config was given
+	admin       adminOptions  // status, unlock, plan
 	json        bool          // status, plan
 	nodes       bool          // status
 	timeout     time.Duration // once
@@ -73,20 +82,24 @@ type options struct {
 type command struct {
 	flags func(fs *flag.FlagSet, o *options) // its flags besides --config; nil: none
 	run   func(ctx context.Context, e *env, o options) int
+	// admin commands run without a config file too, and take Ceph's flags (admin.go).
+	admin, discovers bool
 }
 
 var commands = map[string]command{
 	"run":    {run: runDaemon},
 	"once":   {flags: onceFlags, run: runOnce},
 	"check":  {run: runCheck},
-	"status": {flags: statusFlags, run: runStatus},
-	"plan":   {flags: planFlags, run: runPlan},
-	"unlock": {flags: unlockFlags, run: runUnlock},
+	"status": {flags: statusFlags, run: runStatus, admin: true},
+	"plan":   {flags: planFlags, run: runPlan, admin: true, discovers: true},
+	"unlock": {flags: unlockFlags, run: runUnlock, admin: true},
 }
 
 // env is what every command gets once the config is loaded.
 type env struct {
 	cfg *config.Config
+	// fromFile: cfg was read from a file, not made of defaults and flags (admin commands).
+	fromFile bool
 	// current is the config in force: `run` replaces it on reload, and dial follows it.
 	current *atomic.Pointer[config.Config]
 	dial    func() (*rados.Conn, error)
@@ -122,7 +135,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if !ok {
 		return code
 	}
-	e, ok := newEnv(o.config, stdout, stderr)
+	e, ok := newEnv(o, cmd, stdout, stderr)
 	if !ok {
 		return exitUsage
 	}
@@ -147,6 +160,7 @@ func parseFlags(name string, cmd command, args []string, stderr io.Writer) (o op
 		}
 		return o, exitUsage, false
 	}
+	fs.Visit(func(f *flag.Flag) { o.configSet = o.configSet || f.Name == "config" })
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "flattend %s: unexpected argument %q\n", name, fs.Arg(0))
 		return o, exitUsage, false
@@ -155,8 +169,8 @@ func parseFlags(name string, cmd command, args []string, stderr io.Writer) (o op
 }
 
 // newEnv loads the config and makes the logger and the dialer; false after printing why not.
-func newEnv(path string, stdout, stderr io.Writer) (*env, bool) {
-	cfg, err := config.Load(path)
+func newEnv(o options, cmd command, stdout, stderr io.Writer) (*env, bool) {
+	cfg, found, err := loadConfig(o, cmd)
 	if err != nil {
 		fmt.Fprintln(stderr, err)
 		return nil, false
@@ -167,7 +181,7 @@ func newEnv(path string, stdout, stderr io.Writer) (*env, bool) {
 		fmt.Fprintf(stderr, "%s: log: %v\n", cfg.Path, err)
 		return nil, false
 	}
-	e := &env{cfg: cfg, current: new(atomic.Pointer[config.Config]), level: level, log: log,
+	e := &env{cfg: cfg, fromFile: found, current: new(atomic.Pointer[config.Config]), level: level, log: log,
 		stdin: os.Stdin, stdout: stdout, stderr: stderr}
 	e.current.Store(cfg)
 	e.dial = newDialer(e.current)

@@ -63,6 +63,8 @@ type PlanSkipped struct {
 
 func planFlags(fs *flag.FlagSet, o *options) {
 	fs.BoolVar(&o.json, "json", false, "print JSON (the format is documented in docs/discovery.md)")
+	adminFlags(fs, &o.admin)
+	planSourceFlags(fs, &o.admin)
 }
 
 // runPlan is `flattend plan`.

@@ -149,7 +149,9 @@ func watchdog(ctx context.Context, period time.Duration, stalled func() time.Dur
 func reloadConfig(e *env, sched *scheduler.Scheduler, m *metrics.Metrics) {
 	log := e.log
 	old := e.current.Load()
-	_, _ = sd.SdNotify(false, sd.SdNotifyReloading)
+	// One datagram: systemd ≥ 253 (Type=notify-reload) takes RELOADING=1 only with the
+	// monotonic time the reload started at; older versions ignore MONOTONIC_USEC.
+	_, _ = sd.SdNotify(false, sd.SdNotifyReloading+"\n"+sd.SdNotifyMonotonicUsec())
 	defer func() { _, _ = sd.SdNotify(false, sd.SdNotifyReady) }()
 	cfg, err := config.Load(old.Path)
 	if err != nil {

@@ -17,6 +17,8 @@ import (
 func statusFlags(fs *flag.FlagSet, o *options) {
 	fs.BoolVar(&o.json, "json", false, "print JSON (the format is documented in docs/operations.md)")
 	fs.BoolVar(&o.nodes, "nodes", false, "list every node's last pass, backlog, version and next window instead (fleet view)")
+	adminFlags(fs, &o.admin)
+	lockFlags(fs, &o.admin)
 }
 
 // runStatus is `flattend status`: who holds each slot of the lock, on what, how far, and who
@@ -25,7 +27,7 @@ func runStatus(_ context.Context, e *env, o options) int {
 	if o.nodes {
 		return showNodes(e.cfg, e.dial, o.json, e.stdout, e.stderr)
 	}
-	return showStatus(e.cfg, e.dial, o.json, e.stdout, e.stderr)
+	return showStatus(lockSlots(e), e.dial, o.json, e.stdout, e.stderr)
 }
 
 func showStatus(cfg *config.Config, dial func() (*rados.Conn, error), asJSON bool, stdout, stderr io.Writer) int {
@@ -66,7 +68,15 @@ func withSlots(cfg *config.Config, dial func() (*rados.Conn, error), stderr io.W
 		return exitCode(err)
 	}
 	defer conn.Shutdown()
-	slots, err := lock.ReadStatus(conn, cfg.Lock.Pool, cfg.Lock.Image, cfg.Lock.Slots)
+	n := cfg.Lock.Slots
+	if n == 0 { // no config file: as many as the lock has
+		n, err = lock.SlotsFound(conn, cfg.Lock.Pool, cfg.Lock.Image)
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return exitFailure
+	}
+	slots, err := lock.ReadStatus(conn, cfg.Lock.Pool, cfg.Lock.Image, n)
 	if err != nil {
 		fmt.Fprintln(stderr, err)
 		return exitFailure

@@ -21,6 +21,8 @@ func unlockFlags(fs *flag.FlagSet, o *options) {
 	fs.BoolVar(&o.forceLive, "force-live", false, "break it even if the holder looks alive (it watches the lock image and has not shown it hangs)")
 	fs.IntVar(&o.slot, "slot", 0, "the slot to break (see flattend status)")
 	fs.BoolVar(&o.yes, "yes", false, "do not ask for confirmation")
+	adminFlags(fs, &o.admin)
+	lockFlags(fs, &o.admin)
 }
 
 // runUnlock is `flattend unlock`: it breaks a stuck holder's lock, and only with --force.
@@ -29,18 +31,26 @@ func runUnlock(_ context.Context, e *env, o options) int {
 		fmt.Fprintln(e.stderr, "flattend unlock: breaking a lock needs --force (see flattend unlock --help)")
 		return exitUsage
 	}
-	return unlock(e.cfg, e.dial, o, e.stdin, e.stdout, e.stderr)
+	return unlock(lockSlots(e), e.dial, o, e.stdin, e.stdout, e.stderr)
 }
 
 // unlock breaks one slot's lock after showing who holds it and asking to confirm with the
 // holder's client id, then checks that the holder is blocklisted.
 func unlock(cfg *config.Config, dial func() (*rados.Conn, error), o options, stdin io.Reader, stdout, stderr io.Writer) int {
 	slot := o.slot
-	if slot < 0 || slot >= cfg.Lock.Slots {
+	if slot < 0 && cfg.Lock.Slots == 0 { // no config file: the lock's slots are checked below
+		fmt.Fprintf(stderr, "flattend unlock: --slot %d: slots are numbered from 0\n", slot)
+		return exitUsage
+	}
+	if slot < 0 || (cfg.Lock.Slots > 0 && slot >= cfg.Lock.Slots) {
 		fmt.Fprintf(stderr, "flattend unlock: --slot %d: the configuration has slots 0..%d\n", slot, cfg.Lock.Slots-1)
 		return exitUsage
 	}
 	return withSlots(cfg, dial, stderr, func(conn *rados.Conn, slots []lock.SlotStatus) int {
+		if slot >= len(slots) {
+			fmt.Fprintf(stderr, "flattend unlock: --slot %d: the lock %s/%s has slots 0..%d\n", slot, cfg.Lock.Pool, cfg.Lock.Image, len(slots)-1)
+			return exitUsage
+		}
 		st := slots[slot]
 		lk, err := lock.ReadLocker(conn, cfg.Lock.Pool, cfg.Lock.Image, slot)
 		if err != nil {

@@ -19,14 +19,7 @@ import (
 // once it stops moving; and again when it moves again. Pings are sent synchronously by the
 // watchdog's goroutine, so counting its looks at stalled() orders them without timing.
 func TestWatchdogPingsOnlyWhileTheLoopMoves(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "notify.sock")
-	sock, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sock.Close()
-	t.Setenv("NOTIFY_SOCKET", path)
-
+	sock := notifySocket(t)
 	const period = 30 * time.Millisecond
 	var stall, looks atomic.Int64
 	stalled := func() time.Duration { looks.Add(1); return time.Duration(stall.Load()) }
@@ -79,4 +72,17 @@ func pings(t *testing.T, sock *net.UnixConn, wait time.Duration, limit int) int 
 		}
 	}
 	return n
+}
+
+// notifySocket listens where NOTIFY_SOCKET points for the test, as systemd does.
+func notifySocket(t *testing.T) *net.UnixConn {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "notify.sock")
+	sock, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sock.Close() })
+	t.Setenv("NOTIFY_SOCKET", path)
+	return sock
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"io"
+	"os"
 	"sync/atomic"
 	"time"
 
@@ -15,6 +16,7 @@ import (
 	"github.com/flattend/flattend/internal/discovery"
 	"github.com/flattend/flattend/internal/flattener"
 	"github.com/flattend/flattend/internal/gate"
+	"github.com/flattend/flattend/internal/journald"
 	"github.com/flattend/flattend/internal/lock"
 	"github.com/flattend/flattend/internal/metrics"
 	"github.com/flattend/flattend/internal/scheduler"
@@ -140,12 +142,20 @@ func newLogger(c config.Log, level zap.AtomicLevel, w io.Writer) (*zap.Logger, e
 	enc := zap.NewProductionEncoderConfig()
 	enc.EncodeTime = zapcore.RFC3339NanoTimeEncoder
 	enc.TimeKey = "ts"
+	f, _ := w.(*os.File)
+	journal := journald.IsJournal(f) // under systemd: each line gets its priority, journald stamps it
 	var encoder zapcore.Encoder
 	if c.Format == "json" {
 		encoder = zapcore.NewJSONEncoder(enc)
 	} else {
 		enc.EncodeLevel = zapcore.CapitalLevelEncoder
+		if journal {
+			enc = journald.ConsoleConfig(enc)
+		}
 		encoder = zapcore.NewConsoleEncoder(enc)
+	}
+	if journal {
+		encoder = journald.Encoder(encoder)
 	}
 	return zap.New(zapcore.NewCore(encoder, zapcore.AddSync(w), level)), nil
 }

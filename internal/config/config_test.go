@@ -58,7 +58,7 @@ func TestMalformed(t *testing.T) {
 		{"wrong type list", "discovery:\n  pools: vms\n", `c.yaml:2: discovery.pools: "vms" is a string, expected a list`},
 		{"wrong type map", "discovery: {pools: [{pool: vms}]}\nlock: rbd\n", `c.yaml:2: lock: "rbd" is a string, expected a mapping of keys`},
 		{"bad level", "discovery: {pools: [{pool: vms}]}\nlog: {level: loud}\n", `c.yaml:2: log.level: "loud": use debug, info, warn or error`},
-		{"client prefix", "discovery: {pools: [{pool: vms}]}\nceph: {user: client.flattend}\n", `c.yaml:2: ceph.user:`},
+		{"empty client name", "discovery: {pools: [{pool: vms}]}\nceph: {user: client.}\n", `c.yaml:2: ceph.user: must name the cephx user`},
 		{"not a mapping", "- a\n- b\n", `c.yaml:1: the configuration must be a mapping`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -135,6 +135,8 @@ func decode(path string, data []byte) (Config, map[string]int, Errors) {
 // applyPresenceDefaults fills in the defaults that depend on which keys are present, which
 // Defaults() cannot express.
 func (c *Config) applyPresenceDefaults(places map[string]int) {
+	// Ceph's tools take the name (client.flattend) and the id (flattend): so does the file.
+	c.Ceph.User = strings.TrimPrefix(c.Ceph.User, "client.")
 	for i := range c.Discovery.Pools {
 		if _, set := places[fmt.Sprintf("discovery.pools[%d].owner_key", i)]; !set && !c.Discovery.Pools[i].Shared {
 			c.Discovery.Pools[i].OwnerKey = DefaultOwnerKey

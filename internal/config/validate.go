@@ -63,6 +63,7 @@ type checker struct {
 	es     Errors
 	// unprintable holds the fields printable reported: their other problems would only repeat it.
 	unprintable map[string]bool
+	noDiscovery bool // no discovery source is fine (see validateFor)
 }
 
 // bad records a problem at field, or at the closest enclosing key the file has when the field
@@ -126,8 +127,12 @@ func short(d time.Duration) string {
 }
 
 // validate checks every section and keeps what it parsed in c.parsed.
-func (c *Config) validate(places map[string]int) Errors {
-	v := &checker{path: c.Path, places: places, unprintable: map[string]bool{}}
+func (c *Config) validate(places map[string]int) Errors { return c.validateFor(places, true) }
+
+// validateFor is validate; without needDiscovery, a config with no discovery source passes (the
+// admin commands that do not look for clones).
+func (c *Config) validateFor(places map[string]int, needDiscovery bool) Errors {
+	v := &checker{path: c.Path, places: places, unprintable: map[string]bool{}, noDiscovery: !needDiscovery}
 	v.printable(reflect.ValueOf(*c), "")
 	v.node(c.Node)
 	v.ceph(c.Ceph)
@@ -158,8 +163,8 @@ func (v *checker) ceph(c Ceph) {
 	if c.Conf == "" {
 		v.bad("ceph.conf", "must name a ceph.conf file")
 	}
-	if c.User == "" || strings.HasPrefix(c.User, "client.") {
-		v.bad("ceph.user", "%q: give the cephx id without \"client.\" (e.g. flattend)", c.User)
+	if c.User == "" {
+		v.bad("ceph.user", "must name the cephx user (flattend or client.flattend)")
 	}
 	v.positive("ceph.connect_timeout", c.ConnectTimeout)
 	v.within("ceph.op_timeout", c.OpTimeout, minOpTimeout, maxOpTimeout)
@@ -263,7 +268,7 @@ func (v *checker) cleanup(c Cleanup) *regexp.Regexp {
 
 // discovery returns each pool's match compiled (nil when empty or bad).
 func (v *checker) discovery(d Discovery) []*regexp.Regexp {
-	if len(d.Pools) == 0 && d.Libvirt == nil {
+	if len(d.Pools) == 0 && d.Libvirt == nil && !v.noDiscovery {
 		v.bad("discovery.pools", "list at least one pool to look for this node's clones in, or add a discovery.libvirt section")
 	}
 	matches := make([]*regexp.Regexp, len(d.Pools))

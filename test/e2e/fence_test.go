@@ -66,7 +66,8 @@ func TestFencingIgnoresNodeConf(t *testing.T) {
 	w := watchRADOS(t, conn, n.ioctx, n.lockImage, 1, n.clone, nodeB+"-c")
 	// 16 s of flatten by construction: the holder is still flattening when it is stopped.
 	a := start(t, "once", "--config", nodeConfigConf(t, n.node, n.lockImage, conf, "flatten: {concurrent_ops: 1, max_bytes_per_second: 4MiB}\n"))
-	a.waitFor(t, time.Minute, "flatten started", func(e event) bool { return e.Msg == "flatten started" })
+	// Copying: librbd owns the clone's exclusive lock (the observer sees a's flatten).
+	a.waitFor(t, time.Minute, "flatten progress", func(e event) bool { return e.Msg == "flatten progress" && e.Percent > 0 })
 	st, err := lock.ReadStatus(conn, cephtest.Pool, n.lockImage, 1)
 	if err != nil || st[0].Owner == "" {
 		t.Fatalf("status while a holds the lock: %+v, %v", st, err)

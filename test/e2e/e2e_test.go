@@ -127,12 +127,20 @@ func TestTimeoutCancelsAndNextRunResumes(t *testing.T) {
 	_ = l.Unlock()
 	_ = m.Close(context.Background())
 
-	// --timeout: cancelled again, exit 1 because the clone is left. Paced at 1 MiB/s (16 objects
-	// a second), the rest of the walk cannot finish within the second, however fast the machine.
+	// --timeout: the run stops at the timeout with the clone left, exit 1. Paced at 1 MiB/s, the
+	// rest of the walk (more than half of 1024 objects of 64 KiB: over 30 s) cannot finish
+	// within the 5 s, however fast the machine; on a machine so slow that the flatten had not
+	// started, the timeout stops the run before it, which is no less right.
 	paced := nodeConfig(t, n.node, lockImage, "flatten: {concurrent_ops: 1, max_bytes_per_second: 1MiB}\n")
-	code, out := runCmd(t, time.Minute, "once", "--config", paced, "--timeout", "1s")
-	if code != 1 || !strings.Contains(out, `"result":"cancelled"`) || !strings.Contains(out, "once --timeout 1s reached") {
-		t.Fatalf("once --timeout 1s: exit %d, output:\n%s", code, out)
+	code, out := runCmd(t, 2*time.Minute, "once", "--config", paced, "--timeout", "5s")
+	if code != 1 || !strings.Contains(out, "once --timeout 5s reached") || strings.Contains(out, `"result":"flat"`) {
+		t.Fatalf("once --timeout 5s: exit %d, want 1, the timeout, no flat clone; output:\n%s", code, out)
+	}
+	if strings.Contains(out, `"msg":"flatten started"`) != strings.Contains(out, `"result":"cancelled"`) {
+		t.Fatalf("once --timeout 5s: a flatten started and was not cancelled, or the reverse:\n%s", out)
+	}
+	if !cephtest.IsClone(t, ioctx, clone) {
+		t.Fatal("the flatten stopped by --timeout detached the parent")
 	}
 	if got := cephtest.Digest(t, ioctx, clone, p.Size); got != p.Digest {
 		t.Fatal("content damaged by cancelled flattens")

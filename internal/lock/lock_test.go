@@ -297,6 +297,7 @@ func TestReleaseWakesWaiters(t *testing.T) {
 	image := cephtest.Name(t, "wake")
 	holder := newMutex(t, cephtest.DaemonConnect(t), lock.Options{Pool: cephtest.Pool, Image: image})
 	waiter := newMutex(t, cephtest.DaemonConnect(t), lock.Options{Pool: cephtest.Pool, Image: image})
+	patient(holder, waiter)
 	for _, m := range []*lock.Mutex{holder, waiter} {
 		if err := m.Ensure(); err != nil {
 			t.Fatal(err)
@@ -343,6 +344,7 @@ func TestQueueOrderAndDeferredPolls(t *testing.T) {
 		o.Node = fmt.Sprintf("w%d", i)
 		waiters = append(waiters, newMutex(t, cephtest.DaemonConnect(t), o))
 	}
+	patient(append([]*lock.Mutex{holder}, waiters...)...)
 	for _, m := range append([]*lock.Mutex{holder}, waiters...) {
 		if err := m.Ensure(); err != nil {
 			t.Fatal(err)
@@ -429,6 +431,7 @@ func TestUnusedGrantPassedOn(t *testing.T) {
 	first := newMutex(t, cephtest.DaemonConnect(t), o)
 	o.Node = "second"
 	second := newMutex(t, cephtest.DaemonConnect(t), o)
+	patient(holder, first, second)
 	for _, m := range []*lock.Mutex{holder, first, second} {
 		if err := m.Ensure(); err != nil {
 			t.Fatal(err)
@@ -599,6 +602,14 @@ func newMutex(t *testing.T, conn *rados.Conn, o lock.Options) *lock.Mutex {
 		}
 	})
 	return m
+}
+
+// patient gives ms a notify timeout well above any scheduling delay: a test of which waiter a
+// release wakes must not see a live waiter that acked late taken for dead and skipped.
+func patient(ms ...*lock.Mutex) {
+	for _, m := range ms {
+		lock.SetNotifyTimeout(m, wakeBound/2)
+	}
 }
 
 // wakeBound is how long a test waits for a release's notification (or a loss's cancel) before

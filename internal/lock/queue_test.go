@@ -25,6 +25,7 @@ func TestQueueIgnoresNodeClocks(t *testing.T) {
 	o.Node = "late-slow-clock"
 	late := newMutex(t, cephtest.DaemonConnect(t), o)
 	lock.SetClock(late, func() time.Time { return time.Now().Add(-time.Hour) })
+	patient(holder, early, late)
 	for _, m := range []*lock.Mutex{holder, early, late} {
 		if err := m.Ensure(); err != nil {
 			t.Fatal(err)

@@ -34,14 +34,16 @@ func TestPartitionedHolderIsFencedAndRecovers(t *testing.T) {
 		return
 	}
 	if os.Getenv("FLATTEND_TEST_CEPH_AUTH") == "cephx" {
-		t.Skip("runs its own cluster: once per `make test`, in the auth-none pass")
+		t.Skip("runs its own cephx cluster: once per `make test`, in the auth-none pass")
 	}
 	if why := netlab.Available(); why != "" {
 		t.Skipf("network namespaces unavailable here (need root and iproute2): %s", why)
 	}
 	lab := netlab.New(t, "ceph", "h1", "h2")
 	clusterDir := filepath.Join(t.TempDir(), "cluster")
-	start := lab.In("ceph", nil, "bash", "../cluster.sh", "start", clusterDir, "--addr", lab.IP["ceph"], "--memstore-gib", "2")
+	// cephx, the nodes with the least-privilege key: fencing (blocklist add, break lock) must
+	// work with the caps flattend is given.
+	start := lab.In("ceph", nil, "bash", "../cluster.sh", "start", clusterDir, "--addr", lab.IP["ceph"], "--memstore-gib", "2", "--auth", "cephx")
 	out, err := start.Output()
 	if err != nil {
 		t.Fatalf("starting the cluster inside its namespace: %v\n%s", err, out)
@@ -106,7 +108,7 @@ func partitionInner(t *testing.T, lab *netlab.Lab) {
 	for _, h := range hosts {
 		cfg := filepath.Join(dir, h+".yaml")
 		body := fmt.Sprintf(`node: %s
-ceph: {conf: %s, user: admin, connect_timeout: 20s}
+ceph: {conf: %s, user: flattend, keyring: %s, connect_timeout: 20s}
 lock: {pool: rbd, image: plock, check_interval: 1s}
 window: {schedule: "* * * * *", duration: 1h}
 backoff: {min: 200ms, max: 1s}
@@ -114,7 +116,7 @@ flatten: {concurrent_ops: 1}
 discovery: {pools: [{pool: rbd}], interval: 2s}
 metrics: {listen: ""}
 log: {level: debug, format: json}
-`, h, conf)
+`, h, conf, filepath.Join(filepath.Dir(conf), "flattend.keyring"))
 		if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
 			t.Fatal(err)
 		}

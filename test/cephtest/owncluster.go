@@ -12,7 +12,8 @@ import (
 // OwnCluster starts a throwaway cluster for t alone (test/cluster.sh, in the auth mode of the
 // shared one) and points this process's FLATTEND_TEST_* and CEPH_* at it until t ends. A test
 // that changes something cluster-wide (a full ratio, a mon setting) uses it, so the packages
-// that run in parallel on the shared cluster never see the change. t must not be parallel.
+// that run in parallel on the shared cluster never see the change. It has the test pool. t must
+// not be parallel.
 func OwnCluster(t *testing.T, memstoreGiB string) {
 	t.Helper()
 	ConfPath(t) // like every integration test: skips without a test cluster
@@ -41,4 +42,5 @@ func OwnCluster(t *testing.T, memstoreGiB string) {
 			t.Setenv(k, v)
 		}
 	}
+	EnsurePool(t, Connect(t), Pool) // as the shared cluster has it
 }

@@ -202,8 +202,11 @@ func TestUnlockConfirmsClient(t *testing.T) {
 }
 
 // check warns when the monitors blocklist a fenced holder for less time than a flatten may last
-// (window.duration, 1 h in these configs), and stays quiet when they do not.
+// (window.duration, 1 h in these configs), and stays quiet when they do not. The monitors'
+// setting is changed on a cluster of the test's own: on the shared one, every test running
+// meanwhile would fence for 10 minutes only.
 func TestCheckWarnsShortBlocklistExpiry(t *testing.T) {
+	cephtest.OwnCluster(t, "1")
 	conn := cephtest.Connect(t)
 	conf := nodeConfig(t, cephtest.Name(t, "n"), cephtest.Name(t, "lock"), "")
 	code, out := runCmd(t, time.Minute, "check", "--config", conf)

@@ -8,7 +8,7 @@ import (
 // answers notifies a queued node's wake object and reports whether it answered for that entry,
 // and whether asking took the notify timeout (a watcher that did not ack: dead or cut off).
 func (h *handover) answers(e waiterEntry, msg string) (answered, slow bool) {
-	acks, timeouts, _ := h.ioctx.NotifyWithTimeout(e.Wake, []byte(msg+e.key), notifyTimeout)
+	acks, timeouts, _ := h.ioctx.NotifyWithTimeout(e.Wake, []byte(msg+e.key), h.notifyTimeout)
 	for _, a := range acks {
 		if len(a.Response) > 0 {
 			return true, false

@@ -30,14 +30,14 @@ import (
 // A handover so costs the same few operations however many nodes wait (an omap read and removal,
 // one notification and its ack), and nodes are served in the order they arrived.
 
-// notifyTimeout bounds how long a notification waits for its ack: a live watcher acks at once, a
-// dead node's watch lingers until it times out and would otherwise hold the notifier.
-const notifyTimeout = time.Second
+// defaultNotifyTimeout bounds how long a notification waits for its ack: a live watcher acks at
+// once, a dead node's watch lingers until it times out and would otherwise hold the notifier.
+const defaultNotifyTimeout = time.Second
 
 const (
 	msgGrant = "grant "
 	msgPing  = "ping "
-	// grantTries bounds how many waiters that do not answer (each costs notifyTimeout) one release
+	// grantTries bounds how many waiters that do not answer (each costs the notify timeout) one release
 	// tries before leaving the slot to polls.
 	grantTries = 3
 	// grantEntries bounds how many entries one release looks at, answering or not.
@@ -68,6 +68,8 @@ type handover struct {
 	onWake  func()
 	warn    func(string)
 
+	notifyTimeout time.Duration // how long answers waits for an ack
+
 	mu      sync.Mutex
 	waiting bool      // this node wants a place in the queue
 	since   time.Time // when it began waiting, by its own clock: shown, never ordered by
@@ -76,7 +78,7 @@ type handover struct {
 	grants  int       // grants answered since the last takeGrants
 }
 
-func startHandover(conn *rados.Conn, pool, image, wakeOID, node string, onWake func(), warn func(string)) (*handover, error) {
+func startHandover(conn *rados.Conn, pool, image, wakeOID, node string, notifyTimeout time.Duration, onWake func(), warn func(string)) (*handover, error) {
 	ioctx, err := conn.OpenIOContext(pool)
 	if err != nil {
 		return nil, err
@@ -91,6 +93,9 @@ func startHandover(conn *rados.Conn, pool, image, wakeOID, node string, onWake f
 		ioctx.Destroy()
 		return nil, err
 	}
+	if notifyTimeout <= 0 {
+		notifyTimeout = defaultNotifyTimeout
+	}
 	queue := HandoverObject(image)
 	for _, oid := range []string{queue, wakeOID} {
 		if err := ioctx.Create(oid, rados.CreateIdempotent); err != nil {
@@ -101,7 +106,7 @@ func startHandover(conn *rados.Conn, pool, image, wakeOID, node string, onWake f
 	if err != nil {
 		return fail(err)
 	}
-	h := &handover{ioctx: ioctx, wctx: wctx, image: image, queue: queue, wakeOID: wakeOID, node: node,
+	h := &handover{ioctx: ioctx, wctx: wctx, image: image, queue: queue, wakeOID: wakeOID, node: node, notifyTimeout: notifyTimeout,
 		self: conn.GetInstanceID(), watcher: w, wake: make(chan struct{}, 1), kick: make(chan struct{}, 1),
 		quit: make(chan struct{}), onWake: onWake, warn: warn}
 	h.done.Add(2)

@@ -51,7 +51,7 @@ func (m *Mutex) Ensure() error {
 			name = "client." + strconv.FormatUint(m.conn.GetInstanceID(), 10)
 		}
 		wake := WakeObject(m.o.Image, name)
-		h, err := startHandover(m.conn, m.o.Pool, m.o.Image, wake, m.o.Node,
+		h, err := startHandover(m.conn, m.o.Pool, m.o.Image, wake, m.o.Node, m.notifyTimeout,
 			func() { m.count(func(s *Stats) { s.WakesReceived++ }) }, m.warn)
 		if err != nil {
 			return fmt.Errorf("watching %s/%s: %w", m.o.Pool, wake, cephconn.WithHint(err))

@@ -96,6 +96,9 @@ type Mutex struct {
 	busy func(wait time.Duration) // Hooks.Busy
 	warn func(msg string)         // Hooks.Warn
 	now  func() time.Time         // this node's clock; tests move it
+	// notifyTimeout is how long a release waits for a waiter's ack (defaultNotifyTimeout,
+	// unless a test on a loaded machine raises it: a slow ack is taken for a dead waiter).
+	notifyTimeout time.Duration
 
 	// inflight counts librbd calls still running after their caller gave up (a LockAcquire that
 	// blocks behind a dead holder cannot be interrupted) and notifications being sent.
@@ -125,7 +128,7 @@ func New(conn *rados.Conn, o Options) (*Mutex, error) {
 	if err := o.validate(); err != nil {
 		return nil, err
 	}
-	return &Mutex{conn: conn, o: o, now: time.Now}, nil
+	return &Mutex{conn: conn, o: o, now: time.Now, notifyTimeout: defaultNotifyTimeout}, nil
 }
 
 // Name is "pool/image" (of slot 0), with the slot count when there are several.

@@ -209,7 +209,7 @@ func TestLeaseLossIsSignalled(t *testing.T) {
 		if !errors.Is(context.Cause(guarded), lock.ErrLost) {
 			t.Errorf("guarded context cause = %v", context.Cause(guarded))
 		}
-	case <-time.After(5 * time.Second):
+	case <-time.After(wakeBound):
 		t.Fatal("guarded context not cancelled on loss")
 	}
 	if err := la.Unlock(); !errors.Is(err, lock.ErrLost) {
@@ -297,6 +297,7 @@ func TestReleaseWakesWaiters(t *testing.T) {
 	image := cephtest.Name(t, "wake")
 	holder := newMutex(t, cephtest.DaemonConnect(t), lock.Options{Pool: cephtest.Pool, Image: image})
 	waiter := newMutex(t, cephtest.DaemonConnect(t), lock.Options{Pool: cephtest.Pool, Image: image})
+	patient(holder, waiter)
 	for _, m := range []*lock.Mutex{holder, waiter} {
 		if err := m.Ensure(); err != nil {
 			t.Fatal(err)
@@ -319,8 +320,8 @@ func TestReleaseWakesWaiters(t *testing.T) {
 	}
 	select {
 	case <-waiter.Wake():
-	case <-time.After(5 * time.Second):
-		t.Fatal("no wake-up within 5 s of the release")
+	case <-time.After(wakeBound):
+		t.Fatalf("no wake-up within %s of the release", wakeBound)
 	}
 	wl, err := waiter.TryLock(context.Background())
 	if err != nil {
@@ -343,6 +344,7 @@ func TestQueueOrderAndDeferredPolls(t *testing.T) {
 		o.Node = fmt.Sprintf("w%d", i)
 		waiters = append(waiters, newMutex(t, cephtest.DaemonConnect(t), o))
 	}
+	patient(append([]*lock.Mutex{holder}, waiters...)...)
 	for _, m := range append([]*lock.Mutex{holder}, waiters...) {
 		if err := m.Ensure(); err != nil {
 			t.Fatal(err)
@@ -382,8 +384,8 @@ func TestQueueOrderAndDeferredPolls(t *testing.T) {
 		}
 		select {
 		case <-w.Wake():
-		case <-time.After(5 * time.Second):
-			t.Fatalf("waiter %d not woken within 5 s of the release", i)
+		case <-time.After(wakeBound):
+			t.Fatalf("waiter %d not woken within %s of the release", i, wakeBound)
 		}
 		for j, other := range waiters {
 			if j == i {
@@ -429,6 +431,7 @@ func TestUnusedGrantPassedOn(t *testing.T) {
 	first := newMutex(t, cephtest.DaemonConnect(t), o)
 	o.Node = "second"
 	second := newMutex(t, cephtest.DaemonConnect(t), o)
+	patient(holder, first, second)
 	for _, m := range []*lock.Mutex{holder, first, second} {
 		if err := m.Ensure(); err != nil {
 			t.Fatal(err)
@@ -450,13 +453,13 @@ func TestUnusedGrantPassedOn(t *testing.T) {
 	}
 	select {
 	case <-first.Wake():
-	case <-time.After(5 * time.Second):
+	case <-time.After(wakeBound):
 		t.Fatal("first waiter not granted")
 	}
 	first.StopWaiting() // its pass ended meanwhile: the slot must not sit idle
 	select {
 	case <-second.Wake():
-	case <-time.After(5 * time.Second):
+	case <-time.After(wakeBound):
 		t.Fatal("the unused grant was not passed on to the second waiter")
 	}
 	sl, err := second.TryLock(context.Background())
@@ -600,3 +603,16 @@ func newMutex(t *testing.T, conn *rados.Conn, o lock.Options) *lock.Mutex {
 	})
 	return m
 }
+
+// patient gives ms a notify timeout well above any scheduling delay: a test of which waiter a
+// release wakes must not see a live waiter that acked late taken for dead and skipped.
+func patient(ms ...*lock.Mutex) {
+	for _, m := range ms {
+		lock.SetNotifyTimeout(m, wakeBound/2)
+	}
+}
+
+// wakeBound is how long a test waits for a release's notification (or a loss's cancel) before
+// calling it a hang. It bounds no speed: the release notifies at once, and a loaded machine
+// may take seconds to run the watch callback; the order of wake-ups is what the tests assert.
+const wakeBound = time.Minute

@@ -106,7 +106,7 @@ func NewSession(dial Dialer, o Options, hooks Hooks) (*Session, error) {
 		return nil, err
 	}
 	s := &Session{conn: conn, done: make(chan struct{}), closed: make(chan struct{})}
-	s.mutex = &Mutex{conn: conn, o: o, lost: s.Observe, busy: hooks.Busy, warn: hooks.Warn, now: time.Now}
+	s.mutex = &Mutex{conn: conn, o: o, lost: s.Observe, busy: hooks.Busy, warn: hooks.Warn, now: time.Now, notifyTimeout: defaultNotifyTimeout}
 	if err := s.mutex.Ensure(); err != nil {
 		conn.Shutdown()
 		return nil, err

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"encoding/json"
 	"fmt"
 	"path/filepath"
 	"slices"
@@ -66,27 +65,9 @@ func TestPlanAndOnceWithLibvirt(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("plan --json: exit %d\n%s", code, out)
 	}
-	var plan struct {
-		Node   string
-		Order  []string
-		Clones []struct {
-			Position       int
-			Image          string
-			Source         string
-			Owner          string
-			Shared         bool
-			Reason         string
-			Parent         string
-			Chain          []string
-			Depth          int
-			BytesToCopy    uint64   `json:"bytes_to_copy"`
-			AlsoSelectedBy []string `json:"also_selected_by"`
-		}
-		Skipped []struct{ Image, Source, Reason string }
-	}
-	if err := json.Unmarshal([]byte(out), &plan); err != nil {
-		t.Fatalf("plan --json: %v\n%s", err, out)
-	}
+	var plan planJSON // the test's own type: a renamed field fails (formats_test.go)
+	decodeStrict(t, "plan --json", out, &plan)
+	assertKeys(t, "plan --json", out, planKeys)
 	var got []string
 	for i, c := range plan.Clones {
 		got = append(got, c.Image)
@@ -198,13 +179,11 @@ func TestLibvirtIgnoredDisksEndToEnd(t *testing.T) {
 		}
 	}
 	code, out = runCmd(t, time.Minute, "plan", "--config", cfg, "--json")
-	var plan struct {
-		Clones  []struct{ Image string }
-		Skipped []struct{ Image, Reason string }
+	if code != 0 {
+		t.Fatalf("plan --json: exit %d\n%s", code, out)
 	}
-	if err := json.Unmarshal([]byte(out), &plan); code != 0 || err != nil {
-		t.Fatalf("plan --json: exit %d, %v\n%s", code, err, out)
-	}
+	var plan planJSON
+	decodeStrict(t, "plan --json", out, &plan)
 	if len(plan.Clones) != 1 || plan.Clones[0].Image != P+"/"+pre+"-mine" {
 		t.Fatalf("plan clones %+v, want only %s", plan.Clones, pre+"-mine")
 	}

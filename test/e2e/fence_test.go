@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/flattend/flattend/internal/lock"
 	"github.com/flattend/flattend/test/cephtest"
+	"github.com/flattend/flattend/test/observer"
 )
 
 // noFenceConf writes a copy of the test cluster's ceph.conf whose clients do not blocklist the
@@ -46,19 +46,11 @@ func nodeConfigConf(t *testing.T, node, lockImage, cephConf, extra string) strin
 // blocklisted reports whether addr is in the OSD map's blocklist, as the monitors list it.
 func blocklisted(t *testing.T, conn *rados.Conn, addr string) bool {
 	t.Helper()
-	out := cephtest.MonCommand(t, conn, map[string]any{"prefix": "osd blocklist ls", "format": "json"})
-	var entries []struct {
-		Addr string `json:"addr"`
+	ok, err := observer.Blocklisted(conn, addr)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if err := json.NewDecoder(bytes.NewReader(out)).Decode(&entries); err != nil {
-		t.Fatalf("osd blocklist ls: %v: %s", err, out)
-	}
-	for _, e := range entries {
-		if e.Addr == addr {
-			return true
-		}
-	}
-	return false
+	return ok
 }
 
 // A node whose ceph.conf turns rbd_blocklist_on_break_lock off still fences the holder whose
@@ -67,9 +59,15 @@ func TestFencingIgnoresNodeConf(t *testing.T) {
 	conn := cephtest.Connect(t)
 	n := newSlowNode(t, conn, 64)
 	conf := noFenceConf(t)
+	// b's flatten lasts 4 s by construction (64 objects at 1 MiB/s): the observer sees it.
+	small := cephtest.MakeParent(t, n.ioctx, cephtest.Name(t, "small"), 4<<20, 16)
+	nodeB := cephtest.Name(t, "b")
+	cephtest.Clone(t, n.ioctx, small, nodeB+"-c", nodeB)
+	w := watchRADOS(t, conn, n.ioctx, n.lockImage, 1, n.clone, nodeB+"-c")
 	// 16 s of flatten by construction: the holder is still flattening when it is stopped.
 	a := start(t, "once", "--config", nodeConfigConf(t, n.node, n.lockImage, conf, "flatten: {concurrent_ops: 1, max_bytes_per_second: 4MiB}\n"))
-	a.waitFor(t, time.Minute, "flatten started", func(e event) bool { return e.Msg == "flatten started" })
+	// Copying: librbd owns the clone's exclusive lock (the observer sees a's flatten).
+	a.waitFor(t, time.Minute, "flatten progress", func(e event) bool { return e.Msg == "flatten progress" && e.Percent > 0 })
 	st, err := lock.ReadStatus(conn, cephtest.Pool, n.lockImage, 1)
 	if err != nil || st[0].Owner == "" {
 		t.Fatalf("status while a holds the lock: %+v, %v", st, err)
@@ -79,10 +77,7 @@ func TestFencingIgnoresNodeConf(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = a.cmd.Process.Signal(syscall.SIGCONT) })
-	small := cephtest.MakeParent(t, n.ioctx, cephtest.Name(t, "small"), 4<<20, 22)
-	nodeB := cephtest.Name(t, "b")
-	cephtest.Clone(t, n.ioctx, small, nodeB+"-c", nodeB)
-	b := start(t, "once", "--config", nodeConfigConf(t, nodeB, n.lockImage, conf, ""))
+	b := start(t, "once", "--config", nodeConfigConf(t, nodeB, n.lockImage, conf, "flatten: {concurrent_ops: 1, max_bytes_per_second: 1MiB}\n"))
 	if code := b.wait(t, cephtest.WatchTimeout()+time.Minute); code != 0 {
 		t.Fatalf("node b exited %d", code)
 	}
@@ -90,6 +85,8 @@ func TestFencingIgnoresNodeConf(t *testing.T) {
 	if !blocklisted(t, conn, owner) {
 		t.Fatalf("b broke the lock of %s but that client is not in `ceph osd blocklist ls`", owner)
 	}
+	w.finish(t)
+	w.assertFenced(t, 0)
 }
 
 // holdWithRecord takes a lock image's lock on a connection of its own and writes a holder record
@@ -205,8 +202,11 @@ func TestUnlockConfirmsClient(t *testing.T) {
 }
 
 // check warns when the monitors blocklist a fenced holder for less time than a flatten may last
-// (window.duration, 1 h in these configs), and stays quiet when they do not.
+// (window.duration, 1 h in these configs), and stays quiet when they do not. The monitors'
+// setting is changed on a cluster of the test's own: on the shared one, every test running
+// meanwhile would fence for 10 minutes only.
 func TestCheckWarnsShortBlocklistExpiry(t *testing.T) {
+	cephtest.OwnCluster(t, "1")
 	conn := cephtest.Connect(t)
 	conf := nodeConfig(t, cephtest.Name(t, "n"), cephtest.Name(t, "lock"), "")
 	code, out := runCmd(t, time.Minute, "check", "--config", conf)

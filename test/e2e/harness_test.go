@@ -1,6 +1,7 @@
 // Package e2e runs the real flattend binary as separate processes against the test cluster:
 // several "nodes" at once, kill -9, signals, bad configs. What the processes log (JSON, with
-// nanosecond timestamps) is the record the assertions read.
+// nanosecond timestamps) drives the tests; mutual exclusion and fencing are asserted from RADOS
+// by an observer (witness_test.go, test/observer), never from those logs.
 package e2e
 
 import (
@@ -271,21 +272,6 @@ func intervals(t *testing.T, evs []event, killedAt time.Time) []interval {
 		out = append(out, *iv)
 	}
 	return out
-}
-
-// assertNoOverlap fails if any two recorded flattens overlap in time.
-func assertNoOverlap(t *testing.T, ivs []interval) {
-	t.Helper()
-	for i := range ivs {
-		for j := i + 1; j < len(ivs); j++ {
-			a, b := ivs[i], ivs[j]
-			if a.from.Before(b.to) && b.from.Before(a.to) {
-				t.Errorf("overlap: %s on %s [%s, %s] and %s on %s [%s, %s]",
-					a.image, a.node, a.from.Format(time.StampMicro), a.to.Format(time.StampMicro),
-					b.image, b.node, b.from.Format(time.StampMicro), b.to.Format(time.StampMicro))
-			}
-		}
-	}
 }
 
 // runCmd runs flattend to completion and returns its exit code and output.

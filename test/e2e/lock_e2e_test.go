@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"encoding/json"
 	"fmt"
 	"sort"
 	"strings"
@@ -9,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/flattend/flattend/internal/status"
 	"github.com/flattend/flattend/test/cephtest"
 )
 
@@ -30,11 +28,13 @@ func TestThreeNodesHandOver(t *testing.T) {
 			clones = append(clones, c)
 		}
 	}
+	w := watchRADOS(t, conn, ioctx, lockImage, 1, clones...)
 	var procs []*proc
 	for _, n := range nodes {
 		procs = append(procs, start(t, "once", "--config", nodeConfig(t, n, lockImage, "backoff: {min: 1s, max: 5s}\n")))
 	}
 	all := waitAllOK(t, procs, 3*time.Minute)
+	w.finish(t) // never two flattens at once, as RADOS saw it
 	for _, c := range clones {
 		cephtest.AssertFlatAndIntact(t, ioctx, p, c)
 	}
@@ -42,7 +42,6 @@ func TestThreeNodesHandOver(t *testing.T) {
 	if len(ivs) != 12 {
 		t.Fatalf("%d flattens, want 12", len(ivs))
 	}
-	assertNoOverlap(t, ivs)
 	sort.Slice(ivs, func(i, j int) bool { return ivs[i].from.Before(ivs[j].from) })
 	handovers := 0
 	var gaps []time.Duration
@@ -63,80 +62,43 @@ func TestThreeNodesHandOver(t *testing.T) {
 	if handovers < 2 {
 		t.Errorf("only %d handovers between nodes: %s", handovers, strings.Join(seq, " "))
 	}
-	// With a 1 s minimum backoff, only the release notification can start the next flatten
-	// within a few hundred ms; the median gap shows it worked.
-	if gaps[len(gaps)/2] > 900*time.Millisecond {
-		t.Errorf("median gap %s: waiters are not woken by the release", gaps[len(gaps)/2])
-	}
+	// The gap is a figure, not an assertion (a loaded machine may stretch it past the backoff):
+	// that a release wakes the next waiter is asserted causally in internal/lock (TestReleaseWakesWaiters).
 }
 
-// slots: 2 and four nodes: never more than two flattens at once, and two most of the time while
-// work remains.
+// slots: 2 and four nodes: never more than two flattens at once, and both slots used while work
+// remains, as the RADOS observer saw it. Each flatten lasts 8 s by construction (paced), far
+// longer than a waiting node takes to try a free slot (backoff max 1 s, or woken at once).
 func TestTwoSlotsFourNodes(t *testing.T) {
 	conn := cephtest.Connect(t)
 	ioctx := cephtest.IOContext(t, conn)
 	lockImage := cephtest.Name(t, "lock")
-	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 32<<20, 16) // 512 small objects: ~2 s each
-	var procs []*proc
-	var clones []string
+	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 16<<20, 16) // 256 objects of 64 KiB
+	var clones, nodes []string
 	for n := range 4 {
 		node := cephtest.Name(t, fmt.Sprintf("n%d", n))
+		nodes = append(nodes, node)
 		for i := range 2 {
 			c := fmt.Sprintf("%s-c%d", node, i)
 			cephtest.Clone(t, ioctx, p, c, node)
 			clones = append(clones, c)
 		}
-		procs = append(procs, start(t, "once", "--config", nodeConfig(t, node, lockImage, "lock: {pool: "+cephtest.Pool+", image: "+lockImage+", slots: 2}\nflatten: {concurrent_ops: 1}\n")))
+	}
+	w := watchRADOS(t, conn, ioctx, lockImage, 2, clones...)
+	var procs []*proc
+	for _, node := range nodes {
+		procs = append(procs, start(t, "once", "--config", nodeConfig(t, node, lockImage, "lock: {pool: "+cephtest.Pool+", image: "+lockImage+", slots: 2}\nflatten: {concurrent_ops: 1, max_bytes_per_second: 2MiB}\n")))
 	}
 	all := waitAllOK(t, procs, 3*time.Minute)
+	if st := w.finish(t); st.MaxConcurrent != 2 { // never more than two: finish checks it
+		t.Errorf("the RADOS observer never saw both slots flattening at once (max %d)", st.MaxConcurrent)
+	}
 	for _, c := range clones {
 		cephtest.AssertFlatAndIntact(t, ioctx, p, c)
 	}
 	ivs := intervals(t, all, time.Time{})
 	if len(ivs) != 8 {
 		t.Fatalf("%d flattens, want 8", len(ivs))
-	}
-	type edge struct {
-		at    time.Time
-		delta int
-	}
-	var edges []edge
-	lastStart := time.Time{}
-	for _, iv := range ivs {
-		edges = append(edges, edge{iv.from, +1}, edge{iv.to, -1})
-		if iv.from.After(lastStart) {
-			lastStart = iv.from
-		}
-	}
-	sort.Slice(edges, func(i, j int) bool {
-		if edges[i].at.Equal(edges[j].at) {
-			return edges[i].delta < edges[j].delta
-		}
-		return edges[i].at.Before(edges[j].at)
-	})
-	running, maxRunning := 0, 0
-	var two, total time.Duration
-	for i, e := range edges {
-		running += e.delta
-		maxRunning = max(maxRunning, running)
-		if i+1 < len(edges) && e.at.Before(lastStart) {
-			end := edges[i+1].at
-			if end.After(lastStart) {
-				end = lastStart
-			}
-			total += end.Sub(e.at)
-			if running == 2 {
-				two += end.Sub(e.at)
-			}
-		}
-	}
-	if maxRunning > 2 {
-		t.Fatalf("%d flattens ran at once with slots: 2", maxRunning)
-	}
-	frac := float64(two) / float64(total)
-	t.Logf("two flattens running %.0f%% of the time until the last one started", 100*frac)
-	if frac < 0.5 {
-		t.Errorf("two slots used only %.0f%% of the time while work remained", 100*frac)
 	}
 }
 
@@ -148,11 +110,12 @@ func TestStoppedHolderIsFencedAndRecovers(t *testing.T) {
 	ioctx := cephtest.IOContext(t, conn)
 	lockImage := cephtest.Name(t, "lock")
 	slow := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "slow"), 64<<20, 16)
-	small := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "small"), 8<<20, 22)
+	small := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "small"), 4<<20, 16) // b: 4 s at 1 MiB/s
 	nodeA, nodeB := cephtest.Name(t, "a"), cephtest.Name(t, "b")
 	cloneA, cloneB := nodeA+"-c", nodeB+"-c"
 	cephtest.Clone(t, ioctx, slow, cloneA, nodeA)
 	cephtest.Clone(t, ioctx, small, cloneB, nodeB)
+	w := watchRADOS(t, conn, ioctx, lockImage, 1, cloneA, cloneB)
 
 	a := start(t, "once", "--config", nodeConfig(t, nodeA, lockImage, "flatten: {concurrent_ops: 1}\n"))
 	a.waitFor(t, time.Minute, "progress to 20%", func(e event) bool { return e.Msg == "flatten progress" && e.Percent >= 20 })
@@ -160,7 +123,7 @@ func TestStoppedHolderIsFencedAndRecovers(t *testing.T) {
 		t.Fatal(err)
 	}
 	stoppedAt := time.Now()
-	b := start(t, "once", "--config", nodeConfig(t, nodeB, lockImage, ""))
+	b := start(t, "once", "--config", nodeConfig(t, nodeB, lockImage, "flatten: {concurrent_ops: 1, max_bytes_per_second: 1MiB}\n"))
 	if code := b.wait(t, cephtest.WatchTimeout()+time.Minute); code != 0 {
 		t.Fatalf("node b exited %d", code)
 	}
@@ -179,6 +142,10 @@ func TestStoppedHolderIsFencedAndRecovers(t *testing.T) {
 		t.Fatalf("%s still has a parent", cloneA)
 	}
 	cephtest.AssertFlatAndIntact(t, ioctx, slow, cloneA) // repaired before the resume
+	// RADOS shows a fenced: blocklisted, and its stopped client never owned a lock again once b
+	// flattened (unfenced, it re-watches its clone on SIGCONT and owns it again).
+	w.finish(t)
+	w.assertFenced(t, 0)
 
 	aIvs := intervals(t, a.events(t), time.Time{})
 	bIvs := intervals(t, b.events(t), time.Time{})
@@ -212,42 +179,54 @@ func firstError(evs []event) string {
 	return ""
 }
 
-// flattend status shows, from any node, who holds the lock, on which clone, how far.
+// flattend status shows, from any node, who holds the lock, on which clone, how far, and who
+// waits; its JSON is decoded with the test's own types (formats_test.go).
 func TestStatusShowsHolder(t *testing.T) {
-	// 16 s of flatten by construction (paced at 8 MiB/s): the record is rewritten with progress
-	// every 3 s, and each status run connects.
+	// The holder flattens 128 MiB at 1 MiB/s: 128 s by construction, and it is stopped (SIGTERM)
+	// only once status has shown it, however slow the machine. The record is rewritten with
+	// progress every 3 s, and each status run connects.
 	n := newSlowNode(t, cephtest.Connect(t), 128)
 	node, lockImage := n.node, n.lockImage
-	cfg := nodeConfig(t, node, lockImage, "flatten: {concurrent_ops: 1, max_bytes_per_second: 8MiB}\n")
+	cfg := nodeConfig(t, node, lockImage, "flatten: {concurrent_ops: 1, max_bytes_per_second: 1MiB}\n")
 	other := nodeConfig(t, cephtest.Name(t, "observer"), lockImage, "")
-
-	code, out := runCmd(t, 30*time.Second, "status", "--config", other, "--json")
-	var r status.Report
-	if code != 0 || json.Unmarshal([]byte(out), &r) != nil || len(r.Slots) != 1 || r.Slots[0].Holder != nil {
-		t.Fatalf("status with nobody holding: exit %d\n%s", code, out)
+	status := func() (statusJSON, string) {
+		t.Helper()
+		code, out := runCmd(t, 30*time.Second, "status", "--config", other, "--json")
+		if code != 0 {
+			t.Fatalf("status --json: exit %d\n%s", code, out)
+		}
+		var r statusJSON
+		decodeStrict(t, "status --json", out, &r)
+		return r, out
 	}
+
+	r, out := status()
+	if len(r.Slots) != 1 || r.Slots[0].Holder != nil {
+		t.Fatalf("status with nobody holding:\n%s", out)
+	}
+	assertKeys(t, "status --json, free", out, statusKeysFree)
 	pr := start(t, "once", "--config", cfg)
-	pr.waitFor(t, time.Minute, "progress to 30%", func(e event) bool { return e.Msg == "flatten progress" && e.Percent >= 30 })
+	pr.waitFor(t, time.Minute, "progress", func(e event) bool { return e.Msg == "flatten progress" && e.Percent > 0 })
 	// A second node queues behind the holder.
 	waiter := cephtest.Name(t, "waiter")
 	cephtest.Clone(t, n.ioctx, n.parent, waiter+"-c", waiter)
 	wp := start(t, "once", "--config", nodeConfig(t, waiter, lockImage, ""))
-	deadline := time.Now().Add(20 * time.Second)
 	for {
-		code, out = runCmd(t, 30*time.Second, "status", "--config", other, "--json")
-		r = status.Report{}
-		if code != 0 || json.Unmarshal([]byte(out), &r) != nil {
-			t.Fatalf("status: exit %d\n%s", code, out)
+		select {
+		case <-pr.done:
+			t.Fatalf("the holder exited before status showed its progress and the waiter: %s", out)
+		case <-wp.done:
+			t.Fatalf("the waiter exited while the holder held the lock: %s", out)
+		default:
 		}
-		queued := len(r.Waiting) == 1 && r.Waiting[0].Node == waiter && time.Since(r.Waiting[0].Since) < time.Minute
+		r, out = status()
+		queued := len(r.Waiting) == 1 && r.Waiting[0].Node == waiter && !r.Waiting[0].Since.IsZero()
 		if s := r.Slots[0]; s.Holder != nil && s.Percent != nil && *s.Percent > 0 && queued {
 			if s.Holder.Node != node || s.Holder.Clone != cephtest.Pool+"/"+node+"-c" || s.Stale || s.ETASec == nil {
 				t.Fatalf("status: %s", out)
 			}
+			assertKeys(t, "status --json, held", out, statusKeysHeld)
 			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("status never showed progress: %s", out)
 		}
 		time.Sleep(300 * time.Millisecond)
 	}
@@ -256,15 +235,17 @@ func TestStatusShowsHolder(t *testing.T) {
 		t.Errorf("status text: exit %d\n%s", code, text)
 	}
 	t.Logf("status while flattening:\n%s", text)
+	if err := pr.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
 	if code := pr.wait(t, 2*time.Minute); code != 0 {
-		t.Fatalf("once exited %d", code)
+		t.Fatalf("once exited %d after SIGTERM", code)
 	}
 	if code := wp.wait(t, 2*time.Minute); code != 0 {
 		t.Fatalf("waiting once exited %d", code)
 	}
-	code, out = runCmd(t, 30*time.Second, "status", "--config", other, "--json")
-	r = status.Report{}
-	if code != 0 || json.Unmarshal([]byte(out), &r) != nil || r.Slots[0].Holder != nil || r.Slots[0].Owner != "" || len(r.Waiting) != 0 || !strings.Contains(out, `"waiting": []`) {
+	r, out = status()
+	if r.Slots[0].Holder != nil || r.Slots[0].Owner != "" || len(r.Waiting) != 0 || !strings.Contains(out, `"waiting": []`) {
 		t.Fatalf("status after release: %s", out)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/ceph/go-ceph/rbd"
 
 	"github.com/flattend/flattend/test/cephtest"
+	"github.com/flattend/flattend/test/observer"
 )
 
 // connect opens the soak's own admin connection. Its OSD and mon calls time out rather than
@@ -45,7 +46,7 @@ type clone struct {
 type cloneSet struct {
 	ioctx   *rados.IOContext
 	parents []cephtest.Parent
-	obs     *observer
+	obs     *observer.Observer
 	mu      sync.Mutex
 	all     []*clone
 }
@@ -72,7 +73,7 @@ func (cs *cloneSet) add(node string) (*clone, error) {
 	if err != nil {
 		return nil, fmt.Errorf("tag %s: %w", c.name, err)
 	}
-	if c.header, err = cs.obs.watch(c.name, false); err != nil {
+	if c.header, err = cs.obs.Watch(c.name); err != nil {
 		return nil, err
 	}
 	cs.mu.Lock()

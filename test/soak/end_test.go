@@ -12,6 +12,7 @@ import (
 
 	"github.com/flattend/flattend/test/cephtest"
 	"github.com/flattend/flattend/test/netlab"
+	"github.com/flattend/flattend/test/observer"
 )
 
 const (
@@ -26,7 +27,7 @@ type soak struct {
 	ioctx   *rados.IOContext
 	parents []cephtest.Parent
 	clones  *cloneSet
-	obs     *observer
+	obs     *observer.Observer
 	nodes   []*node
 	faults  faults
 	logDir  string
@@ -46,7 +47,7 @@ type report struct {
 	Restarts        map[string]int     `json:"restarts"`
 	UnexpectedExits []string           `json:"unexpected_exits"`
 	StopS           map[string]float64 `json:"stop_after_sigterm_s"`
-	Observer        obsStats           `json:"observer"`
+	Observer        observer.Stats     `json:"observer"`
 	Passed          bool               `json:"passed"`
 }
 
@@ -70,7 +71,7 @@ func (s *soak) endPhase(obsDone <-chan struct{}, stopObserver context.CancelFunc
 	for _, n := range rep.Faults {
 		rep.FaultsTotal += n
 	}
-	rep.Observer = s.obs.stats()
+	rep.Observer = s.obs.Stats()
 	if rep.Observer.FailedRounds > 0 { // its calls wait out a pause: nothing should fail
 		t.Errorf("the observer failed %d rounds: %q", rep.Observer.FailedRounds, rep.Observer.Errors)
 	}

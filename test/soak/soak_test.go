@@ -13,6 +13,7 @@ import (
 
 	"github.com/flattend/flattend/test/cephtest"
 	"github.com/flattend/flattend/test/netlab"
+	"github.com/flattend/flattend/test/observer"
 )
 
 const (
@@ -125,9 +126,9 @@ func inner(t *testing.T, lab *netlab.Lab) {
 		cephtest.MakeParent(t, ioctx, "soak-parent-b", cloneMiB<<20, 16),
 	}
 	s.faults = faults{count: map[string]int{}, busy: map[string]bool{}}
-	s.obs = newObserver(t, conn, ioctx, slots)
+	s.obs = observer.New(t, conn, ioctx, lockImage, slots)
 	s.clones = &cloneSet{ioctx: ioctx, parents: s.parents, obs: s.obs}
-	s.obs.isFlat = s.clones.isFlat
+	s.obs.SetIsFlat(s.clones.isFlat)
 	for _, n := range nodeNames() {
 		for range firstEach {
 			if _, err := s.clones.add(n); err != nil {
@@ -138,7 +139,7 @@ func inner(t *testing.T, lab *netlab.Lab) {
 	s.logDir = logDir(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	obsDone := s.obs.run(ctx)
+	obsDone := s.obs.Run(ctx)
 	s.startNodes(rng)
 	t.Logf("soak: %d nodes, %d slots, %d clones of %d MiB, faults for %s; node logs in %s",
 		nodeCount, slots, s.clones.count(), cloneMiB, duration, s.logDir)

@@ -1,4 +1,8 @@
-package soak
+// Package observer is the tests' independent witness of mutual exclusion and fencing: it samples
+// RADOS (the owners of the clones' and the slots' exclusive locks, their watchers, the
+// blocklist) and never reads what flattend logs or writes about itself. The soak and the e2e
+// fault tests share it.
+package observer
 
 import (
 	"context"
@@ -13,7 +17,7 @@ import (
 	"github.com/ceph/go-ceph/rbd"
 )
 
-// The observer counts running flattens from RADOS alone, never from the nodes' logs. Its rules:
+// Observer counts running flattens from RADOS alone, never from the nodes' logs. Its rules:
 //
 //   - A flatten runs on a clone while a client owns the clone's exclusive lock (librbd takes it
 //     to flatten, and flattend's mark on the clone takes it too) AND that client still watches
@@ -29,17 +33,28 @@ import (
 //     the same slot owners before and after its clones, and only clients that are not
 //     blocklisted (fenced) count in it.
 //   - Every round reads the clones not yet known flat; flat ones are read every tenth round.
-type observer struct {
-	t        *testing.T
-	conn     *rados.Conn
-	ioctx    *rados.IOContext
-	slots    int
-	isFlat   func(name string) bool
-	mu       sync.Mutex
-	targets  []*target // clones
-	slotImgs []*target
-	st       obsStats
-	last     []string // live owner of each slot last seen
+type Observer struct {
+	t         testing.TB
+	conn      *rados.Conn
+	ioctx     *rados.IOContext
+	lockImage string
+	slots     int
+	mu        sync.Mutex
+	isFlat    func(name string) bool
+	targets   []*target // clones
+	slotImgs  []*target
+	st        Stats
+	last      []string // live owner of each slot last seen
+	seen      []Sighting
+}
+
+// Sighting is a client seen as the live owner of an image's lock, from the first to the last
+// round that saw it (a round that saw it torn or unconfirmed counts too).
+type Sighting struct {
+	Image       string
+	Slot        bool // Image is a slot's lock image, not a clone
+	Owner       Owner
+	First, Last time.Time
 }
 
 type target struct {
@@ -47,8 +62,8 @@ type target struct {
 	img          *rbd.Image // read-only: no watch of its own
 }
 
-// obsStats is what the observer saw, for the report.
-type obsStats struct {
+// Stats is what the observer saw, for the report.
+type Stats struct {
 	Rounds          int      `json:"rounds"`
 	TornRounds      int      `json:"torn_rounds"`
 	FailedRounds    int      `json:"failed_rounds"`
@@ -63,17 +78,28 @@ type obsStats struct {
 	Violations      []string `json:"violations"` // the first 10
 }
 
-// owner is a live lock owner: the lock's client and cookie, and its address.
-type owner struct{ client, cookie, addr string }
+// Owner is a live lock owner: the lock's client ("client.4123") and cookie, and its address.
+type Owner struct{ Client, Cookie, Addr string }
 
-func (w owner) String() string { return w.client + " " + w.cookie }
+func (w Owner) String() string { return w.Client + " " + w.Cookie }
 
-func newObserver(t *testing.T, conn *rados.Conn, ioctx *rados.IOContext, slots int) *observer {
-	return &observer{t: t, conn: conn, ioctx: ioctx, slots: slots, last: make([]string, slots), isFlat: func(string) bool { return false }}
+// New returns an observer of the lock images lockImage, lockImage.1, … (slots of them, opened
+// once flattend has made them) and of the clones given to Watch. Violations are t.Errorf'd.
+func New(t testing.TB, conn *rados.Conn, ioctx *rados.IOContext, lockImage string, slots int) *Observer {
+	return &Observer{t: t, conn: conn, ioctx: ioctx, lockImage: lockImage, slots: slots, last: make([]string, slots), isFlat: func(string) bool { return false }}
 }
 
-// watch opens name read-only for the observer and returns its header object.
-func (o *observer) watch(name string, slot bool) (string, error) {
+// SetIsFlat tells the observer which clones are known flat: it reads them only every tenth round.
+func (o *Observer) SetIsFlat(f func(name string) bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.isFlat = f
+}
+
+// Watch opens the clone name read-only for the observer and returns its header object.
+func (o *Observer) Watch(name string) (string, error) { return o.watch(name, false) }
+
+func (o *Observer) watch(name string, slot bool) (string, error) {
 	img, err := rbd.OpenImageReadOnly(o.ioctx, name, rbd.NoSnapshot)
 	if err != nil {
 		return "", fmt.Errorf("observer: open %s: %w", name, err)
@@ -96,7 +122,7 @@ func (o *observer) watch(name string, slot bool) (string, error) {
 
 // liveOwner returns tg's lock owner if it still watches tg's header, whether the lock had a
 // dead owner, and how many lockers it has.
-func (o *observer) liveOwner(tg *target) (live *owner, dead bool, n int, err error) {
+func (o *Observer) liveOwner(tg *target) (live *Owner, dead bool, n int, err error) {
 	info, err := o.ioctx.ListLockers(tg.header, "rbd_lock")
 	if errors.Is(err, rados.ErrNotFound) {
 		return nil, false, 0, nil
@@ -111,15 +137,15 @@ func (o *observer) liveOwner(tg *target) (live *owner, dead bool, n int, err err
 	for i := range info.Clients {
 		for _, w := range ws {
 			if info.Clients[i] == fmt.Sprintf("client.%d", w.Id) && info.Cookies[i] == fmt.Sprintf("auto %d", w.Cookie) {
-				return &owner{client: info.Clients[i], cookie: info.Cookies[i], addr: info.Addrs[i]}, false, info.NumLockers, nil
+				return &Owner{Client: info.Clients[i], Cookie: info.Cookies[i], Addr: info.Addrs[i]}, false, info.NumLockers, nil
 			}
 		}
 	}
 	return nil, true, info.NumLockers, nil
 }
 
-// run samples every 100 ms until ctx ends; the returned channel closes after the last round.
-func (o *observer) run(ctx context.Context) <-chan struct{} {
+// Run samples every 100 ms until ctx ends; the returned channel closes after the last round.
+func (o *Observer) Run(ctx context.Context) <-chan struct{} {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -147,22 +173,22 @@ func (o *observer) run(ctx context.Context) <-chan struct{} {
 }
 
 // openSlots opens the slot lock images once flattend has made them.
-func (o *observer) openSlots() {
+func (o *Observer) openSlots() {
 	o.mu.Lock()
 	have := len(o.slotImgs)
 	o.mu.Unlock()
 	if have == o.slots {
 		return
 	}
-	name := lockImage
+	name := o.lockImage
 	if have > 0 {
-		name = fmt.Sprintf("%s.%d", lockImage, have)
+		name = fmt.Sprintf("%s.%d", o.lockImage, have)
 	}
 	_, _ = o.watch(name, true)
 }
 
 // failed counts a round that could not be read (the OSDs paused, or a call timed out).
-func (o *observer) failed(err error) {
+func (o *Observer) failed(err error) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	o.st.FailedRounds++

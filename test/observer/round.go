@@ -1,4 +1,4 @@
-package soak
+package observer
 
 import (
 	"bytes"
@@ -7,13 +7,16 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/ceph/go-ceph/rados"
 )
 
 // round is one read of every slot and the clones due.
 type round struct {
 	before, after []string          // live owner of each slot ("" none), before and after the clones
 	slotClients   map[string]bool   // every client that holds a slot's lock, live or not
-	flattens      map[string]*owner // clone → its live lock owner
+	flattens      map[string]*Owner // clone → its live lock owner
+	slotOwners    map[string]*Owner // slot lock image → its live owner, as last read
 	dead          bool              // some lock had an owner without a watch
 	at            time.Time
 }
@@ -25,7 +28,7 @@ func (r round) torn() bool { return strings.Join(r.before, ",") != strings.Join(
 func (r round) unslotted() []string {
 	var out []string
 	for c, w := range r.flattens {
-		if !r.slotClients[w.client] {
+		if !r.slotClients[w.Client] {
 			out = append(out, c+" by "+w.String())
 		}
 	}
@@ -33,9 +36,9 @@ func (r round) unslotted() []string {
 	return out
 }
 
-func (o *observer) wrong(r round) bool { return len(r.flattens) > o.slots || len(r.unslotted()) > 0 }
+func (o *Observer) wrong(r round) bool { return len(r.flattens) > o.slots || len(r.unslotted()) > 0 }
 
-func (o *observer) readSlots(r *round) ([]string, error) {
+func (o *Observer) readSlots(r *round) ([]string, error) {
 	o.mu.Lock()
 	slotImgs := append([]*target(nil), o.slotImgs...)
 	o.mu.Unlock()
@@ -58,23 +61,26 @@ func (o *observer) readSlots(r *round) ([]string, error) {
 		r.dead = r.dead || dead
 		if w != nil {
 			ids[i] = w.String()
+			r.slotOwners[tg.name] = w
+		} else {
+			delete(r.slotOwners, tg.name)
 		}
 	}
 	return ids, nil
 }
 
 // readRound reads the slots, the clones due in round i, and the slots again.
-func (o *observer) readRound(i int) (round, error) {
-	r := round{slotClients: map[string]bool{}, flattens: map[string]*owner{}, at: time.Now()}
+func (o *Observer) readRound(i int) (round, error) {
+	r := round{slotClients: map[string]bool{}, flattens: map[string]*Owner{}, slotOwners: map[string]*Owner{}, at: time.Now()}
 	var err error
 	if r.before, err = o.readSlots(&r); err != nil {
 		return r, err
 	}
 	o.mu.Lock()
-	targets := append([]*target(nil), o.targets...)
+	targets, isFlat := append([]*target(nil), o.targets...), o.isFlat
 	o.mu.Unlock()
 	for k, tg := range targets {
-		if o.isFlat(tg.name) && (k+i)%10 != 0 {
+		if isFlat(tg.name) && (k+i)%10 != 0 {
 			continue
 		}
 		w, dead, _, err := o.liveOwner(tg)
@@ -92,7 +98,7 @@ func (o *observer) readRound(i int) (round, error) {
 
 // observe takes round i, reading it again while it looks wrong and was torn; a wrong round that
 // was not torn loses its fenced clients, and what is still wrong is a violation.
-func (o *observer) observe(i int) error {
+func (o *Observer) observe(i int) error {
 	r, err := o.readRound(i)
 	for try := 0; err == nil && o.wrong(r) && r.torn() && try < 3; try++ {
 		o.mu.Lock()
@@ -112,12 +118,18 @@ func (o *observer) observe(i int) error {
 	return nil
 }
 
-func (o *observer) record(r round) {
+func (o *Observer) record(r round) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	o.st.Rounds++
 	if r.dead {
 		o.st.DeadOwnerRounds++
+	}
+	for img, w := range r.slotOwners {
+		o.sawLocked(img, true, *w, r.at)
+	}
+	for img, w := range r.flattens {
+		o.sawLocked(img, false, *w, r.at)
 	}
 	if o.wrong(r) && r.torn() {
 		o.st.Unconfirmed++
@@ -142,11 +154,44 @@ func (o *observer) record(r round) {
 	}
 }
 
+// sawLocked extends the sighting of w on img to at, or starts one.
+func (o *Observer) sawLocked(img string, slot bool, w Owner, at time.Time) {
+	for i := range o.seen {
+		if s := &o.seen[i]; s.Image == img && s.Owner == w {
+			s.Last = at
+			return
+		}
+	}
+	o.seen = append(o.seen, Sighting{Image: img, Slot: slot, Owner: w, First: at, Last: at})
+}
+
+// Sightings returns every live lock owner seen so far, in the order first seen.
+func (o *Observer) Sightings() []Sighting {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return append([]Sighting(nil), o.seen...)
+}
+
 // dropFenced removes the flattens whose client is blocklisted: it can write nothing more.
-func (o *observer) dropFenced(r *round) error {
-	out, _, err := o.conn.MonCommand([]byte(`{"prefix": "osd blocklist ls", "format": "json"}`))
+func (o *Observer) dropFenced(r *round) error {
+	fenced, err := Blocklist(o.conn)
 	if err != nil {
 		return err
+	}
+	for c, w := range r.flattens {
+		if fenced[bareAddr(w.Addr)] {
+			delete(r.flattens, c)
+		}
+	}
+	return nil
+}
+
+// Blocklist returns the addresses in the OSD map's blocklist (`ceph osd blocklist ls`), without
+// their messenger prefix.
+func Blocklist(conn *rados.Conn) (map[string]bool, error) {
+	out, _, err := conn.MonCommand([]byte(`{"prefix": "osd blocklist ls", "format": "json"}`))
+	if err != nil {
+		return nil, fmt.Errorf("osd blocklist ls: %w", err)
 	}
 	// Pacific prints the address blocklist, then the range blocklist: two JSON arrays.
 	fenced := map[string]bool{}
@@ -156,18 +201,19 @@ func (o *observer) dropFenced(r *round) error {
 			Addr string `json:"addr"`
 		}
 		if err := dec.Decode(&bl); err != nil {
-			return fmt.Errorf("osd blocklist ls: %w", err)
+			return nil, fmt.Errorf("osd blocklist ls: %w: %s", err, out)
 		}
 		for _, b := range bl {
 			fenced[bareAddr(b.Addr)] = true
 		}
 	}
-	for c, w := range r.flattens {
-		if fenced[bareAddr(w.addr)] {
-			delete(r.flattens, c)
-		}
-	}
-	return nil
+	return fenced, nil
+}
+
+// Blocklisted reports whether addr is in the OSD map's blocklist.
+func Blocklisted(conn *rados.Conn, addr string) (bool, error) {
+	bl, err := Blocklist(conn)
+	return bl[bareAddr(addr)], err
 }
 
 // bareAddr drops the messenger prefix: "v1:10.0.0.2:0/123" → "10.0.0.2:0/123".
@@ -188,13 +234,13 @@ func (r round) who() []string {
 	return out
 }
 
-func (o *observer) violation(format string, args ...any) {
+func (o *Observer) violation(format string, args ...any) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	o.violationLocked(format, args...)
 }
 
-func (o *observer) violationLocked(format string, args ...any) {
+func (o *Observer) violationLocked(format string, args ...any) {
 	v := fmt.Sprintf(format, args...)
 	o.st.ViolationCount++
 	if len(o.st.Violations) < 10 { // the first ones tell the story; a wrong cluster repeats them
@@ -203,7 +249,8 @@ func (o *observer) violationLocked(format string, args ...any) {
 	}
 }
 
-func (o *observer) stats() obsStats {
+// Stats returns what the observer saw so far.
+func (o *Observer) Stats() Stats {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	return o.st

@@ -1,0 +1,47 @@
+package cephtest
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/ceph/go-ceph/rados"
+	"github.com/ceph/go-ceph/rbd"
+)
+
+// DataObjects returns the RADOS objects that hold image's data (rbd_data.<id>.*), each with its
+// object version: RADOS raises it on every write, so an object whose version did not change was
+// not written, whatever the daemon says. It lists the whole pool on an I/O context of its own.
+func DataObjects(t testing.TB, conn *rados.Conn, pool, image string) map[string]uint64 {
+	t.Helper()
+	ioctx := PoolIOContext(t, conn, pool) // GetLastVersion is per I/O context: not shared
+	img, err := rbd.OpenImageReadOnly(ioctx, image, rbd.NoSnapshot)
+	if err != nil {
+		t.Fatalf("open %s: %v", image, err)
+	}
+	id, err := img.GetId()
+	img.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	prefix := "rbd_data." + id + "."
+	var names []string
+	if err := ioctx.ListObjects(func(oid string) {
+		if strings.HasPrefix(oid, prefix) {
+			names = append(names, oid)
+		}
+	}); err != nil {
+		t.Fatalf("listing %s: %v", pool, err)
+	}
+	out := map[string]uint64{}
+	for _, n := range names {
+		if _, err := ioctx.Stat(n); err != nil {
+			t.Fatalf("stat %s: %v", n, err)
+		}
+		v, err := ioctx.GetLastVersion()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[n] = v
+	}
+	return out
+}

@@ -24,6 +24,7 @@ type statusJSON struct {
 		Owner     string `json:"owner"`
 		Holder    *struct {
 			Node    string    `json:"node"`
+			Version string    `json:"version"`
 			PID     int       `json:"pid"`
 			Client  string    `json:"client"`
 			Since   time.Time `json:"since"`
@@ -50,7 +51,7 @@ var statusKeysHeld = []string{
 	"slots", "slots[].elapsed_s", "slots[].eta_s", "slots[].held_s", "slots[].holder",
 	"slots[].holder.client", "slots[].holder.clone", "slots[].holder.clone_started", "slots[].holder.node",
 	"slots[].holder.objects", "slots[].holder.objects_done", "slots[].holder.pid", "slots[].holder.since",
-	"slots[].holder.updated", "slots[].lock_image", "slots[].owner", "slots[].percent", "slots[].slot",
+	"slots[].holder.updated", "slots[].holder.version", "slots[].lock_image", "slots[].owner", "slots[].percent", "slots[].slot",
 	"slots[].stale", "time", "waiting", "waiting[].node", "waiting[].waiting_since",
 }
 

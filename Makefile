@@ -11,7 +11,7 @@ GOFLAGS_TAGS = $(if $(GO_TAGS),-tags $(GO_TAGS),)
 export GO_TAGS
 export FLATTEND_BIN := $(CURDIR)/bin/flattend
 
-.PHONY: all deps build test unit lint bench soak demo clean
+.PHONY: all deps build test unit lint bench soak demo clean deb deb-test
 
 # The release the tests are told they run on (test/e2e checks `flattend version` against it):
 # test/release.sh sets it in its chroots; here it is the host's, from its librbd.h.
@@ -68,7 +68,23 @@ soak: build ## 4 nodes, 2 slots, random kill -9/SIGSTOP/network cuts/osd pause f
 demo: build ## several simulated nodes flattening in turn on a throwaway local cluster
 	bash test/demo.sh
 
+# The Debian package for this machine's release (debian/, dpkg-buildpackage): ./$(DEB). Its
+# by-products (.buildinfo, .changes) stay in build/deb.
+DEB_VERSION = $(shell sh debian/version.sh $(VERSION))
+DEB = flattend_$(DEB_VERSION)_$(shell dpkg --print-architecture).deb
+deb: deps ## flattend_VERSION_ARCH.deb: apt install ./flattend_*.deb (see README, "Install on a hypervisor")
+	rm -rf build/deb && mkdir -p build/deb
+	GO="$(GO)" VERSION="$(VERSION)" DEB_VERSION="$(DEB_VERSION)" DEB_DESTDIR=build/deb \
+		dpkg-buildpackage -b -us -uc --buildinfo-option=-ubuild/deb --changes-option=-ubuild/deb \
+		--buildinfo-file=build/deb/flattend.buildinfo --changes-file=build/deb/flattend.changes
+	rm -f flattend_*_$(shell dpkg --print-architecture).deb
+	cp build/deb/$(DEB) .
+	@echo "built $(DEB) ($$(du -h $(DEB) | cut -f1)): apt install ./$(DEB)"
+
+deb-test: deb ## install, upgrade and purge that package in a fresh Debian chroot of this release
+	bash test/deb-test.sh $(DEB)
+
 endif
 
 clean:
-	rm -rf bin
+	rm -rf bin build

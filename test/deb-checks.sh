@@ -93,6 +93,21 @@ check "purge removed /etc/flattend (config, config.yaml.dpkg-dist)" bash -c '! l
 check "purge removed the systemd state of the unit" bash -c '! grep -rls flattend /var/lib/systemd/deb-systemd-helper-enabled /etc/systemd/system 2>/dev/null'
 check "the flattend user stays after purge (files may still be its; see README)" getent passwd flattend
 
+# Again, with the dependencies in place: whatever install, the maintainer scripts and purge
+# leave behind shows as a new path (beside dpkg's and apt's own state, caches, logs and the
+# backups of /etc/passwd and friends that user tools write).
+snapshot() {
+	find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /run -o -path /tmp -o -path /root \
+		-o -path /var/cache -o -path /var/log -o -path /var/lib/dpkg -o -path /var/lib/apt \) -prune -o -print |
+		grep -Ev '^/etc/(passwd|group|shadow|gshadow|subuid|subgid)-$' | sort
+}
+snapshot >/tmp/before
+must_apt "apt install ./$(basename "$this") again" install "$this"
+check "the reinstall found the user and config in place" bash -c 'getent passwd flattend >/dev/null && test -s /etc/flattend/config.yaml'
+must_apt "apt purge flattend again" purge flattend
+snapshot >/tmp/after
+check "install then purge leaves no new file or directory" bash -c '! comm -13 /tmp/before /tmp/after | grep .'
+
 if ((fails)); then
 	echo "deb-test: $fails check(s) FAILED"
 	exit 1

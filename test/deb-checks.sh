@@ -91,11 +91,15 @@ check "purge removed every file and directory the package installed" bash -c '
 	exit $left' _ "${installed[@]}"
 check "purge removed /etc/flattend (config, config.yaml.dpkg-dist)" bash -c '! ls -d /etc/flattend 2>/dev/null'
 check "purge removed the systemd state of the unit" bash -c '! grep -rls flattend /var/lib/systemd/deb-systemd-helper-enabled /etc/systemd/system 2>/dev/null'
+# What the maintainer scripts might leave where dpkg does not look (state, logs, runtime dirs).
+# Not in /var/cache: man-db keeps the cat page that systemd-analyze verify made there.
+check "no path named *flattend* is left anywhere" bash -c '! find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /root \
+	-o -path /var/lib/dpkg -o -path /var/cache -o -path /var/log/apt \) -prune -o -name "*flattend*" -print | grep .'
 check "the flattend user stays after purge (files may still be its; see README)" getent passwd flattend
 
 # Again, with the dependencies in place: whatever install, the maintainer scripts and purge
-# leave behind shows as a new path (beside dpkg's and apt's own state, caches, logs and the
-# backups of /etc/passwd and friends that user tools write).
+# leave behind, by any name, shows as a new path (beside dpkg's and apt's own state, caches, logs
+# and the backups of /etc/passwd and friends that user tools write).
 snapshot() {
 	find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /run -o -path /tmp -o -path /root \
 		-o -path /var/cache -o -path /var/log -o -path /var/lib/dpkg -o -path /var/lib/apt \) -prune -o -print |

@@ -54,6 +54,7 @@ work=$(mktemp -d /var/tmp/flattend-deb-test.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 cp -a "$base" "$work/root"
 root=$work/root
+rm "$root/.flattend-ready"
 # As on a freshly installed machine: the release, its updates and (if this host uses it) its
 # security archive; DNS as here. No service is started by package scripts (there is no init).
 {

@@ -14,7 +14,7 @@ check() {
 	if out=$("$@" 2>&1); then ok "$what"; else bad "$what"; [[ -z $out ]] || sed 's/^/    /' <<<"$out"; fi
 }
 apt() { DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty=0 "$@"; }
-# apt WHAT ARGS...: a failed apt run stops the test (nothing after it would mean anything).
+# must_apt WHAT ARGS...: a failed apt run stops the test (nothing after it would mean anything).
 must_apt() {
 	local what=$1 out
 	shift

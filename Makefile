@@ -82,6 +82,7 @@ deb: deps ## flattend_VERSION_ARCH.deb: apt install ./flattend_*.deb (see README
 	@echo "built $(DEB) ($$(du -h $(DEB) | cut -f1)): apt install ./$(DEB)"
 
 deb-test: deb ## install, upgrade and purge that package in a fresh Debian chroot of this release
+	bash test/deb-version-test.sh
 	bash test/deb-test.sh $(DEB)
 
 endif

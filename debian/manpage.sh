@@ -33,12 +33,13 @@ EOF2
 echo .fi
 echo .SH COMMANDS
 for cmd in $("$bin" --help | sed -n 's/^  flattend \([a-z]*\).*/\1/p' | sort -u); do
-	# Commands without flags of their own (version) print no "Usage of" text.
+	# version has no options: `version --help` prints the version.
+	[ "$cmd" = version ] && continue
 	help=$("$bin" "$cmd" --help 2>&1) || true
-	case $help in "Usage of"*) ;; *) continue ;; esac
 	echo ".SS flattend $cmd"
 	echo .nf
-	printf '%s\n' "$help" | sed 1d | roff
+	# Go's flag package heads its text "Usage of flattend CMD:", which .SS already says.
+	printf '%s\n' "$help" | sed '1{/^Usage of /d}' | roff
 	echo .fi
 done
 cat <<'EOF2'

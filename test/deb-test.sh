@@ -12,6 +12,7 @@
 #     config.yaml.dpkg-dist;
 #   - a purge removes every file and directory the package installed, /etc/flattend and the
 #     systemd state; the flattend user stays (documented: files may still belong to it).
+#   - lintian, on the host, reports no error or warning.
 # Each check prints ok or FAIL; the script exits 1 if any failed.
 #
 #   test/deb-test.sh flattend_VERSION_ARCH.deb     (make deb-test builds it first)
@@ -20,7 +21,7 @@
 # $FLATTEND_CHROOT_CACHE) and copied for each run; downloaded .debs are kept in
 # deb-RELEASE.archives beside it. Runs in a mount and PID namespace (test/chroot-lib.sh): nothing
 # stays mounted or running, also on failure. Debian packages come from the mirror apt uses here
-# (or $FLATTEND_DEBIAN_MIRROR). Needs root, debootstrap and unshare.
+# (or $FLATTEND_DEBIAN_MIRROR). Needs root, debootstrap, lintian and unshare.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 log() { echo "deb-test: $*" >&2; }
@@ -77,6 +78,18 @@ dpkg-deb --root-owner-group -b "$work/next" "$root/root/next.deb" >/dev/null
 cp "$deb" "$root/root/this.deb"
 cp "$here/deb-checks.sh" "$root/root/deb-checks.sh"
 
+# Debian's own checks of a package (policy, files, maintainer scripts, hardening): no error, no
+# warning. (It warns that it runs as root: it reads the package only.)
+command -v lintian >/dev/null || { log "lintian not found: install it (make deps does)"; exit 1; }
+lint=0
+if out=$(lintian --fail-on error,warning "$deb" 2>&1 | grep -v 'running with root privileges'; exit "${PIPESTATUS[0]}"); then
+	log "ok: lintian reports no error or warning"
+else
+	lint=1
+	log "FAIL: lintian:"
+	sed 's/^/    /' <<<"$out" >&2
+fi
+
 log "$(basename "$deb") in a fresh $release chroot ($work/root): install, checks, upgrade to $version+upgrade1, purge"
 set +e
 in_ns "$root" bash -c '
@@ -87,5 +100,6 @@ in_ns "$root" bash -c '
 ' deb-test "$root" "$base.archives" "$version" </dev/null
 rc=$?
 set -e
+((rc != 0 || lint == 0)) || rc=1
 log "exit $rc after $((SECONDS - start)) s"
 exit $rc

@@ -13,7 +13,8 @@ check() {
 	shift
 	if out=$("$@" 2>&1); then ok "$what"; else bad "$what"; [[ -z $out ]] || sed 's/^/    /' <<<"$out"; fi
 }
-apt() { DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty=0 "$@"; }
+# DPkg::Path: apt's PATH for the maintainer scripts, with deb-test.sh's systemctl first.
+apt() { DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty=0 -o DPkg::Path=/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin "$@"; }
 # must_apt WHAT ARGS...: a failed apt run stops the test (nothing after it would mean anything).
 must_apt() {
 	local what=$1 out
@@ -27,8 +28,18 @@ must_apt() {
 # A doc file, compressed or not (dh_compress decides by size).
 doc() { [[ -s $1 || -s $1.gz ]] || { echo "neither $1 nor $1.gz"; return 1; }; }
 
+# What the maintainer scripts asked of systemd (deb-test.sh's systemctl records it) since the
+# last `asked`; `asked VERB` lists the requests VERB for flattend.service.
+mkdir -p /run/systemd/system
+log=/run/deb-test-systemctl.log
+asked() {
+	if (($#)); then grep -E "^$1: .*flattend\.service" $log; else cat $log; fi
+}
+
 must_apt "apt-get update" update
+: >$log
 must_apt "apt install ./$(basename "$this") ($version) into the fresh chroot" install "$this"
+cp $log /tmp/install.log
 
 # What the package installed, for the purge check.
 mapfile -t installed < <(dpkg -L flattend)
@@ -59,6 +70,9 @@ check "flattend version runs as the flattend user, with the librbd1 apt installe
 	grep -q "^flattend [^ ]* (commit [^ ]*, go" <<<"$out" && grep -q "^librbd: Ceph ${1:-?} " <<<"$out"' _ "$librbd"
 
 check "the unit is not enabled" bash -c '[[ $(systemctl is-enabled flattend.service 2>&1) == disabled ]] || { systemctl is-enabled flattend.service; exit 1; }'
+check "the install took its systemd branch (daemon-reload) but started nothing of flattend" bash -c '
+	grep "flattend\|daemon-reload" /tmp/install.log
+	grep -q "^daemon-reload:" /tmp/install.log && ! grep -E "^(start|restart|try-restart|reload-or-restart): .*flattend" /tmp/install.log'
 # man-db lets systemd-analyze resolve the unit's Documentation=man:flattend(8) too.
 must_apt "apt install man-db (for man:flattend(8))" install --no-install-recommends man-db
 check "man 8 flattend finds the page" man -w 8 flattend
@@ -72,15 +86,23 @@ check "flattend check on the shipped config exits 2 and names the file, line and
 # The upgrade, as an operator runs it on a fleet: non-interactive, keeping edited conffiles.
 sed -i 's/^# node: h1$/node: edited-by-deb-test/' /etc/flattend/config.yaml
 check "the config is edited (node: edited-by-deb-test)" grep -qx 'node: edited-by-deb-test' /etc/flattend/config.yaml
+# The operator enables the unit, then upgrades.
+check "systemctl enable flattend (the operator, after editing the config)" systemctl enable flattend.service
+: >$log
 must_apt "apt install ./$(basename "$next") (upgrade to $version+upgrade1, --force-confold)" \
 	-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold install "$next"
+check "the upgrade restarted the enabled flattend once its files were in place (and did not stop it first)" bash -c "
+	$(declare -f asked); log=$log
+	asked | grep flattend; asked restart >/dev/null && ! asked stop >/dev/null"
 check "the upgrade installed $version+upgrade1" bash -c '[[ $(dpkg-query -W -f="\${Version}" flattend) == "$1" ]]' _ "$version+upgrade1"
 check "the upgrade kept the edited config" grep -qx 'node: edited-by-deb-test' /etc/flattend/config.yaml
 check "the upgrade set the new config aside (config.yaml.dpkg-dist)" grep -qx '# a line the next version added' /etc/flattend/config.yaml.dpkg-dist
-check "after the upgrade: the user exists, the unit is not enabled, flattend runs" bash -c '
-	getent passwd flattend >/dev/null && [[ $(systemctl is-enabled flattend.service 2>&1) == disabled ]] && flattend version >/dev/null'
+check "after the upgrade: the user exists, the unit is still enabled, flattend runs" bash -c '
+	getent passwd flattend >/dev/null && [[ $(systemctl is-enabled flattend.service 2>&1) == enabled ]] && flattend version >/dev/null'
 
+: >$log
 must_apt "apt purge flattend" purge flattend
+check "removing the package stopped flattend" bash -c "$(declare -f asked); log=$log; asked | grep flattend; asked stop >/dev/null"
 check "flattend is purged (dpkg knows it no more)" bash -c '! dpkg-query -W -f="\${Status}\n" flattend 2>/dev/null | grep -q installed'
 # Every path the package installed is gone, unless another package owns it too (/usr/bin, …).
 check "purge removed every file and directory the package installed" bash -c '

@@ -4,7 +4,9 @@
 #   - the files: /usr/bin/flattend, the unit in a directory systemd loads units from,
 #     /etc/flattend/config.yaml as a conffile, the sysusers.d entry, flattend(8), the docs;
 #   - the flattend system user; `flattend version` (as that user, with the librbd apt installed);
-#   - `systemd-analyze verify` accepts the installed unit; the unit is not enabled;
+#   - `systemd-analyze verify` accepts the installed unit; the maintainer scripts, run as on a host
+#     booted with systemd, neither enable nor start it on install, restart it on upgrade once the
+#     operator enabled it, and stop it on remove;
 #   - `flattend check` on the shipped config fails with exit 2 and a file:line: field: message
 #     that says what to configure;
 #   - an upgrade (the same package as version +upgrade1 with a changed conffile, as the next
@@ -57,7 +59,7 @@ cp -a "$base" "$work/root"
 root=$work/root
 rm "$root/.flattend-ready"
 # As on a freshly installed machine: the release, its updates and (if this host uses it) its
-# security archive; DNS as here. No service is started by package scripts (there is no init).
+# security archive; DNS as here.
 {
 	echo "deb $m $release main"
 	echo "deb $m $release-updates main"
@@ -66,8 +68,21 @@ rm "$root/.flattend-ready"
 	[[ -z $sec ]] || echo "deb $sec $release-security main"
 } >"$root/etc/apt/sources.list"
 cp -L /etc/resolv.conf "$root/etc/resolv.conf"
-printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
-chmod +x "$root/usr/sbin/policy-rc.d"
+# The chroot looks booted with systemd to the maintainer scripts (deb-checks.sh makes
+# /run/systemd/system), so they take their systemd branch; systemctl, first in PATH, records what
+# they ask and starts nothing. Queries and unit-file operations go to the real one (offline).
+cat >"$root/usr/local/sbin/systemctl" <<'SHIM'
+#!/bin/sh
+verb=
+for a in "$@"; do case $a in -*) ;; *) verb=$a; break ;; esac; done
+echo "$verb: $*" >>/run/deb-test-systemctl.log
+case $verb in
+start | stop | restart | try-restart | reload | reload-or-restart | try-reload-or-restart | \
+	daemon-reload | daemon-reexec | reset-failed | kill | isolate) exit 0 ;;
+esac
+exec /usr/bin/systemctl "$@"
+SHIM
+chmod +x "$root/usr/local/sbin/systemctl"
 
 # The upgrade: this package as the next version, with one more line in its conffile.
 version=$(dpkg-deb -f "$deb" Version)

@@ -11,7 +11,7 @@ GOFLAGS_TAGS = $(if $(GO_TAGS),-tags $(GO_TAGS),)
 export GO_TAGS
 export FLATTEND_BIN := $(CURDIR)/bin/flattend
 
-.PHONY: all deps build test unit lint bench soak demo clean deb deb-test
+.PHONY: all deps build test unit lint bench soak demo clean
 
 # The release the tests are told they run on (test/e2e checks `flattend version` against it):
 # test/release.sh sets it in its chroots; here it is the host's, from its librbd.h.
@@ -70,6 +70,7 @@ demo: build ## several simulated nodes flattening in turn on a throwaway local c
 
 # The Debian package for this machine's release (debian/, dpkg-buildpackage): ./$(DEB). Its
 # by-products (.buildinfo, .changes) stay in build/deb.
+.PHONY: deb deb-test
 DEB_VERSION = $(shell sh debian/version.sh $(VERSION))
 DEB = flattend_$(DEB_VERSION)_$(shell dpkg --print-architecture).deb
 deb: deps ## flattend_VERSION_ARCH.deb: apt install ./flattend_*.deb (see README, "Install on a hypervisor")

@@ -36,7 +36,7 @@ build: deps
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 
 bin/flattend: $(shell find cmd internal -name '*.go') go.mod go.sum
-	$(GO) build $(GOFLAGS_TAGS) -ldflags "-X main.version=$(VERSION)" -o $@ ./cmd/flattend
+	$(GO) build $(GOFLAGS_TAGS) -buildvcs=auto -ldflags "-X main.version=$(VERSION)" -o $@ ./cmd/flattend
 
 test: build ## the whole suite, unit and integration, against throwaway local Ceph clusters
 	bash test/run.sh $(GO) test $(GOFLAGS_TAGS) -count=1 -timeout 40m ./...
@@ -69,7 +69,25 @@ soak: build ## 4 nodes, 2 slots, random kill -9/SIGSTOP/network cuts/osd pause f
 demo: build ## several simulated nodes flattening in turn on a throwaway local cluster
 	bash test/demo.sh
 
+# The Debian package for this machine's release (debian/, dpkg-buildpackage): ./$(DEB). Its
+# by-products (.buildinfo, .changes) stay in build/deb.
+.PHONY: deb deb-test
+DEB_VERSION = $(shell sh debian/version.sh $(VERSION))
+DEB = flattend_$(DEB_VERSION)_$(shell dpkg --print-architecture).deb
+deb: deps ## flattend_VERSION_ARCH.deb: apt install ./flattend_*.deb (see README, "Install on a hypervisor")
+	rm -rf build/deb && mkdir -p build/deb
+	GO="$(GO)" VERSION="$(VERSION)" DEB_VERSION="$(DEB_VERSION)" DEB_DESTDIR=build/deb \
+		dpkg-buildpackage -b -us -uc --buildinfo-option=-ubuild/deb --changes-option=-ubuild/deb \
+		--buildinfo-file=build/deb/flattend.buildinfo --changes-file=build/deb/flattend.changes
+	rm -f flattend_*_$(shell dpkg --print-architecture).deb
+	cp build/deb/$(DEB) .
+	@echo "built $(DEB) ($$(du -h $(DEB) | cut -f1)): apt install ./$(DEB)"
+
+deb-test: deb ## install, upgrade and purge that package in a fresh Debian chroot of this release
+	bash test/deb-version-test.sh
+	bash test/deb-test.sh $(DEB)
+
 endif
 
 clean:
-	rm -rf bin
+	rm -rf bin build

@@ -14,6 +14,7 @@
 set -euo pipefail
 
 PKGS=(gcc libc6-dev ceph-mon ceph-osd ceph-mgr ceph-common librbd-dev librados-dev uuid-runtime python3 iproute2 libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-storage-rbd libvirt-clients qemu-system-x86 systemd prometheus)
+PKGS+=(build-essential debhelper debootstrap lintian) # make deb (dpkg-buildpackage wants build-essential), make deb-test
 
 log() { echo "cluster.sh: $*" >&2; }
 

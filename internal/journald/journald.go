@@ -62,7 +62,7 @@ func IsJournal(f *os.File) bool {
 // Encoder wraps enc so that every line of every entry starts with the entry's priority prefix.
 // A message with newlines gives several journal lines: each carries the prefix, or journald would
 // store the continuation lines at its default priority.
-func Encoder(enc zapcore.Encoder) zapcore.Encoder { return prefixEncoder{enc} }
+func Encoder(enc zapcore.Encoder) zapcore.Encoder { return prefixEncoder{enc, buffer.NewPool()} }
 
 // ConsoleConfig is cfg without the timestamp: journald stamps every line itself.
 func ConsoleConfig(cfg zapcore.EncoderConfig) zapcore.EncoderConfig {
@@ -70,11 +70,12 @@ func ConsoleConfig(cfg zapcore.EncoderConfig) zapcore.EncoderConfig {
 	return cfg
 }
 
-type prefixEncoder struct{ zapcore.Encoder }
+type prefixEncoder struct {
+	zapcore.Encoder
+	pool buffer.Pool // the prefixed lines' buffers, shared by the clones
+}
 
-var pool = buffer.NewPool()
-
-func (p prefixEncoder) Clone() zapcore.Encoder { return prefixEncoder{p.Encoder.Clone()} }
+func (p prefixEncoder) Clone() zapcore.Encoder { return prefixEncoder{p.Encoder.Clone(), p.pool} }
 
 func (p prefixEncoder) EncodeEntry(ent zapcore.Entry, fields []zapcore.Field) (*buffer.Buffer, error) {
 	line, err := p.Encoder.EncodeEntry(ent, fields)
@@ -84,7 +85,7 @@ func (p prefixEncoder) EncodeEntry(ent zapcore.Entry, fields []zapcore.Field) (*
 	defer line.Free()
 	prefix := fmt.Sprintf("<%d>", Priority(ent.Level))
 	body := strings.TrimSuffix(line.String(), "\n")
-	out := pool.Get()
+	out := p.pool.Get()
 	out.AppendString(prefix)
 	out.AppendString(strings.ReplaceAll(body, "\n", "\n"+prefix))
 	out.AppendByte('\n')

@@ -99,7 +99,7 @@ func TestRemoveSnapshotCloneInTheWindow(t *testing.T) {
 		t.Run(map[int]string{1: "clone v1", 2: "clone v2"}[format], func(t *testing.T) {
 			admin := cephtest.Connect(t)
 			ioctx := cephtest.IOContext(t, admin)
-			p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 8<<20, 22)
+			p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 4<<20, 22)
 			if format == 2 {
 				unprotect(t, ioctx, p.Name, p.Snap)
 			}
@@ -171,7 +171,7 @@ func TestRemoveSnapshotTwoNodesAtOnce(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			admin := cephtest.Connect(t)
 			ioctx := cephtest.IOContext(t, admin)
-			p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 8<<20, 22)
+			p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 4<<20, 22)
 			cephtest.SnapProtect(t, ioctx, p.Name, "keep")
 			a, b := cephtest.Name(t, "a"), cephtest.Name(t, "b")
 			nodeA, nodeB := dial(t, 4), dial(t, 4)
@@ -216,7 +216,7 @@ func TestRemoveSnapshotKeepsTrashedChildren(t *testing.T) {
 		t.Run(map[int]string{1: "clone v1", 2: "clone v2"}[format], func(t *testing.T) {
 			admin := cephtest.Connect(t)
 			ioctx := cephtest.IOContext(t, admin)
-			p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 8<<20, 22)
+			p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 4<<20, 22)
 			clone := cephtest.Name(t, "trashed")
 			if format == 1 {
 				cephtest.Clone(t, ioctx, p, clone, "")

@@ -79,7 +79,10 @@ func Dial(o Options) (*rados.Conn, error) {
 		case IsErrno(err, syscall.ENOENT):
 			hint = "no key found for client." + o.User + ": set ceph.keyring or add it to ceph.conf"
 		case IsErrno(err, syscall.ETIMEDOUT):
-			hint = "timed out after " + o.ConnectTimeout.String() + ": " + hint
+			// Monitors that refuse the key (msgr2: handle_auth_bad_method) never say so to the
+			// client: it retries until it times out, exactly as with monitors it cannot reach.
+			hint = "timed out after " + o.ConnectTimeout.String() + ": " + hint +
+				" If they are, check ceph.user and ceph.keyring: a key the monitors refuse also ends in this timeout"
 		}
 		return nil, fmt.Errorf("%w: connecting as client.%s: %v (%s)", ErrUnreachable, o.User, err, hint)
 	}

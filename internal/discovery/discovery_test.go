@@ -13,6 +13,7 @@ import (
 // untagged ones, not images that are flat already, not the parent.
 func TestPoolOwner(t *testing.T) {
 	conn := cephtest.Connect(t)
+	daemon := cephtest.DaemonConnect(t) // Find runs with flattend's own key; set-up as admin
 	ioctx := cephtest.IOContext(t, conn)
 	node, other := cephtest.Name(t, "me"), cephtest.Name(t, "other")
 	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 8<<20, 22)
@@ -32,7 +33,7 @@ func TestPoolOwner(t *testing.T) {
 		discovery.Pool{Pool: cephtest.Pool, OwnerKey: "flattend.owner", Node: node, Workers: 3},
 		discovery.Pool{Pool: cephtest.Pool, OwnerKey: "flattend.owner", Node: node}, // duplicates merge
 	}
-	found, err := discovery.Find(context.Background(), conn, sources)
+	found, err := discovery.Find(context.Background(), daemon, sources)
 	clones := found.Clones
 	if err != nil {
 		t.Fatal(err)
@@ -49,14 +50,14 @@ func TestPoolOwner(t *testing.T) {
 		t.Fatalf("discovered %v, want %v", got, mine)
 	}
 
-	found, err = discovery.Find(context.Background(), conn,
+	found, err = discovery.Find(context.Background(), daemon,
 		[]discovery.Source{discovery.Pool{Pool: cephtest.Pool, OwnerKey: "site.owner", Node: node}})
 	clones = found.Clones
 	if err != nil || len(clones) != 1 || clones[0].Image != custom {
 		t.Fatalf("owner_key site.owner: %v, %v; want only %s", clones, err, custom)
 	}
 
-	_, err = discovery.Find(context.Background(), conn,
+	_, err = discovery.Find(context.Background(), daemon,
 		[]discovery.Source{discovery.Pool{Pool: "no-such-pool", OwnerKey: "flattend.owner", Node: node}})
 	if err == nil {
 		t.Fatal("a missing pool must fail discovery, not look like an empty one")

@@ -20,6 +20,7 @@ import (
 // VM disks) are not this node's. The clones of a writable disk's snapshots still are.
 func TestLibvirtSharedDisksAreNoRoots(t *testing.T) {
 	conn := cephtest.Connect(t)
+	daemon := cephtest.DaemonConnect(t) // Find runs with flattend's own key; set-up as admin
 	ioctx := cephtest.IOContext(t, conn)
 	lv := libvirttest.Start(t)
 	P := cephtest.Pool
@@ -36,7 +37,7 @@ func TestLibvirtSharedDisksAreNoRoots(t *testing.T) {
 		libvirttest.RBDDisk("vdc", golden, "disk", "<shareable/>"),
 		libvirttest.RBDDisk("sda", golden, "cdrom", ""))
 
-	f, err := discovery.Find(context.Background(), conn, []discovery.Source{discovery.Libvirt{URI: lv.URI, Node: "me"}})
+	f, err := discovery.Find(context.Background(), daemon, []discovery.Source{discovery.Libvirt{URI: lv.URI, Node: "me"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -62,6 +63,7 @@ func TestLibvirtSharedDisksAreNoRoots(t *testing.T) {
 // and the other domains, are still discovered.
 func TestLibvirtMalformedDiskSkipped(t *testing.T) {
 	conn := cephtest.Connect(t)
+	daemon := cephtest.DaemonConnect(t) // Find runs with flattend's own key; set-up as admin
 	ioctx := cephtest.IOContext(t, conn)
 	lv := libvirttest.Start(t)
 	P := cephtest.Pool
@@ -92,7 +94,7 @@ func TestLibvirtMalformedDiskSkipped(t *testing.T) {
 
 	core, logs := observer.New(zap.DebugLevel)
 	src := discovery.Libvirt{URI: lv.URI, Node: "me", Log: zap.New(core)}
-	f, err := discovery.Find(context.Background(), conn, []discovery.Source{src})
+	f, err := discovery.Find(context.Background(), daemon, []discovery.Source{src})
 	if err != nil {
 		t.Fatal(err)
 	}

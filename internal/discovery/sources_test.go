@@ -73,6 +73,7 @@ func namespace(t *testing.T, conn *rados.Conn, ioctx *rados.IOContext, name stri
 // not an empty list.
 func TestPoolNamespace(t *testing.T) {
 	conn := cephtest.Connect(t)
+	daemon := cephtest.DaemonConnect(t) // Find runs with flattend's own key; set-up as admin
 	ioctx := cephtest.IOContext(t, conn)
 	node := cephtest.Name(t, "me")
 	pre := cephtest.Name(t, "x")
@@ -85,7 +86,7 @@ func TestPoolNamespace(t *testing.T) {
 
 	P := cephtest.Pool
 	src := discovery.Pool{Pool: P, Namespace: pre + "-ns", OwnerKey: "flattend.owner", Node: node}
-	f, err := discovery.Find(context.Background(), conn, []discovery.Source{src})
+	f, err := discovery.Find(context.Background(), daemon, []discovery.Source{src})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -96,7 +97,7 @@ func TestPoolNamespace(t *testing.T) {
 		t.Errorf("clone %+v: wrong source or chain", c)
 	}
 	src.Namespace = pre + "-missing"
-	if _, err := discovery.Find(context.Background(), conn, []discovery.Source{src}); !errors.Is(err, discovery.ErrNoNamespace) {
+	if _, err := discovery.Find(context.Background(), daemon, []discovery.Source{src}); !errors.Is(err, discovery.ErrNoNamespace) {
 		t.Fatalf("missing namespace: %v, want ErrNoNamespace", err)
 	}
 }
@@ -107,6 +108,7 @@ func TestPoolNamespace(t *testing.T) {
 // matching clone, whatever its tag, with no owner.
 func TestPoolSharedAndMatch(t *testing.T) {
 	conn := cephtest.Connect(t)
+	daemon := cephtest.DaemonConnect(t) // Find runs with flattend's own key; set-up as admin
 	ioctx := cephtest.IOContext(t, conn)
 	node := cephtest.Name(t, "me")
 	pre := cephtest.Name(t, "x")
@@ -126,7 +128,7 @@ func TestPoolSharedAndMatch(t *testing.T) {
 
 	P := cephtest.Pool
 	owner := discovery.Pool{Pool: P, OwnerKey: "flattend.owner", Node: node, Match: regexp.MustCompile("^" + pre + "-mine-")}
-	f, err := discovery.Find(context.Background(), conn, []discovery.Source{owner})
+	f, err := discovery.Find(context.Background(), daemon, []discovery.Source{owner})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -149,7 +151,7 @@ func TestPoolSharedAndMatch(t *testing.T) {
 	}
 
 	shared := discovery.Pool{Pool: P, Shared: true, Node: node, Match: regexp.MustCompile("^" + pre + "-shared-")}
-	f, err = discovery.Find(context.Background(), conn, []discovery.Source{shared})
+	f, err = discovery.Find(context.Background(), daemon, []discovery.Source{shared})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -172,6 +174,7 @@ func TestPoolSharedAndMatch(t *testing.T) {
 // no domain uses, nor siblings of a VM disk.
 func TestLibvirtSource(t *testing.T) {
 	conn := cephtest.Connect(t)
+	daemon := cephtest.DaemonConnect(t) // Find runs with flattend's own key; set-up as admin
 	ioctx := cephtest.IOContext(t, conn)
 	lv := libvirttest.Start(t)
 	sc := newScenario(t, conn, ioctx)
@@ -179,7 +182,7 @@ func TestLibvirtSource(t *testing.T) {
 	node := cephtest.Name(t, "me")
 
 	src := discovery.Libvirt{URI: lv.URI, Node: node}
-	f, err := discovery.Find(context.Background(), conn, []discovery.Source{src})
+	f, err := discovery.Find(context.Background(), daemon, []discovery.Source{src})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -203,7 +206,7 @@ func TestLibvirtSource(t *testing.T) {
 	}
 
 	src.IncludeVMDisks = true
-	f, err = discovery.Find(context.Background(), conn, []discovery.Source{src})
+	f, err = discovery.Find(context.Background(), daemon, []discovery.Source{src})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -215,7 +218,7 @@ func TestLibvirtSource(t *testing.T) {
 
 	// Unreachable libvirt fails discovery with the socket in the message.
 	bad := discovery.Libvirt{URI: "qemu:///session?socket=" + filepath.Join(t.TempDir(), "none"), Node: node}
-	if _, err := discovery.Find(context.Background(), conn, []discovery.Source{bad}); err == nil || !strings.Contains(err.Error(), "none") {
+	if _, err := discovery.Find(context.Background(), daemon, []discovery.Source{bad}); err == nil || !strings.Contains(err.Error(), "none") {
 		t.Fatalf("unreachable libvirt: %v", err)
 	}
 }
@@ -276,6 +279,7 @@ func (sc scenario) define(t *testing.T, lv *libvirttest.Daemon) {
 // node's. Volumes of other kinds of pools, and of pools libvirt no longer has, are no RBD disks.
 func TestLibvirtVolumeDisks(t *testing.T) {
 	conn := cephtest.Connect(t)
+	daemon := cephtest.DaemonConnect(t) // Find runs with flattend's own key; set-up as admin
 	ioctx := cephtest.IOContext(t, conn)
 	lv := libvirttest.Start(t)
 	pre := cephtest.Name(t, "v")
@@ -312,7 +316,7 @@ func TestLibvirtVolumeDisks(t *testing.T) {
 	if !slices.Equal(hd.Disks, want) || len(hd.Ignored) != 0 || hd.Domains != 1 {
 		t.Fatalf("disks %+v\nwant %+v", hd, want)
 	}
-	f, err := discovery.Find(context.Background(), conn, []discovery.Source{src})
+	f, err := discovery.Find(context.Background(), daemon, []discovery.Source{src})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,12 +1,15 @@
 package e2e
 
 import (
+	"encoding/json"
 	"fmt"
 	"net"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/ceph/go-ceph/rados"
 
 	"github.com/flattend/flattend/test/cephtest"
 )
@@ -257,28 +260,44 @@ func TestWatchdogPingsStopAndResume(t *testing.T) {
 	}
 }
 
-// flatten.retry_after in a real run: a clone whose flatten fails (another client holds its
-// exclusive lock in manual mode and refuses to hand it over, under flatten.in_use: allow) is not
-// tried again by the passes that follow before retry_after, although the cause is gone (the
-// holder released it right after the failure); a pass after retry_after flattens it, intact.
-// The wait asserted is a lower bound the product sets (load only makes it longer); the passes in
-// between prove the clone was skipped, not left undiscovered.
+// flatten.retry_after in a real run: a clone whose flatten fails is not tried again by the
+// passes that follow before retry_after, although the cause is gone soon after the failure; a
+// pass after retry_after flattens it, intact. The failure is real and certain: the clone's pool
+// (a pool of the test's own) is over an object quota, and flagged full by the monitors, before
+// flattend starts; its first write (the flattening mark) blocks and ceph.op_timeout fails it.
+// (The space gate reads byte quotas only; the health gate, which would refuse the clone instead,
+// is off.) The wait asserted is a lower bound the product sets: load only makes it longer; the
+// passes in between show the clone was skipped, not left undiscovered.
 func TestRetryAfter(t *testing.T) {
 	conn := cephtest.Connect(t)
 	ioctx := cephtest.IOContext(t, conn)
 	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 8<<20, 22)
+	pool, pctx, _ := quotaPool(t, conn)
 	node := cephtest.Name(t, "n")
 	clone := node + "-c"
-	cephtest.Clone(t, ioctx, p, clone, node)
-	release := cephtest.HoldLock(t, cephtest.IOContext(t, cephtest.Connect(t)), clone)
-	const retryAfter = 8 * time.Second
-	conf := nodeConfig(t, node, cephtest.Name(t, "lock"), fmt.Sprintf("flatten: {in_use: allow, retry_after: %s}\n", retryAfter)+
-		fmt.Sprintf("discovery: {pools: [{pool: %s}], interval: 1s}\n", cephtest.Pool))
+	cephtest.CloneTo(t, ioctx, p, pctx, clone, node)
+	objects := func(n int, full bool) {
+		cephtest.MonCommand(t, conn, map[string]any{"prefix": "osd pool set-quota", "pool": pool, "field": "max_objects", "val": fmt.Sprint(n)})
+		for deadline := time.Now().Add(2 * time.Minute); poolFull(t, conn, pool) != full; time.Sleep(200 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("pool %s full: %v, want %v", pool, !full, full)
+			}
+		}
+	}
+	objects(1, true) // the clone's metadata objects are more already
+	t.Cleanup(func() { objects(0, false) })
+	// Long enough for the monitors to lift the full flag (they do within seconds) before the retry.
+	const retryAfter = 30 * time.Second
+	conf := nodeConfig(t, node, cephtest.Name(t, "lock"),
+		fmt.Sprintf("ceph: {conf: %s, user: %s, keyring: %q, connect_timeout: 20s, op_timeout: 5s}\n", cephtest.ConfPath(t), cephtest.DaemonUser(), cephtest.DaemonKeyring())+
+			fmt.Sprintf("flatten: {retry_after: %s}\n", retryAfter)+
+			"gates: {health: false}\n"+
+			fmt.Sprintf("discovery: {pools: [{pool: %s}], interval: 1s}\n", pool))
 	pr := start(t, "run", "--config", conf)
-	failure := pr.waitFor(t, time.Minute, "the failed flatten", func(e event) bool { return e.Msg == "flatten failed" })
-	release()
-	fin := pr.waitFor(t, 2*time.Minute, "the retried flatten", func(e event) bool { return e.Msg == "flatten finished" && e.Result == "flat" })
-	cephtest.AssertFlatAndIntact(t, ioctx, p, clone)
+	failure := pr.waitFor(t, 2*time.Minute, "the failed flatten", func(e event) bool { return e.Msg == "flatten failed" })
+	objects(0, false)
+	fin := pr.waitFor(t, 3*time.Minute, "the retried flatten", func(e event) bool { return e.Msg == "flatten finished" && e.Result == "flat" })
+	cephtest.AssertFlatAndIntact(t, pctx, p, clone)
 	if gap := fin.TS.Sub(failure.TS); gap < retryAfter {
 		t.Errorf("retried %s after the failure, before flatten.retry_after (%s)", gap, retryAfter)
 	}
@@ -294,4 +313,25 @@ func TestRetryAfter(t *testing.T) {
 	if n := count(pr.events(t), "flatten failed"); n != 1 {
 		t.Errorf("%d failed flattens, want 1", n)
 	}
+}
+
+// poolFull reports whether the OSD map flags pool full (a quota reached), as the monitors say.
+func poolFull(t *testing.T, conn *rados.Conn, pool string) bool {
+	t.Helper()
+	var d struct {
+		Pools []struct {
+			Name  string `json:"pool_name"`
+			Flags string `json:"flags_names"`
+		} `json:"pools"`
+	}
+	if err := json.Unmarshal(cephtest.MonCommand(t, conn, map[string]any{"prefix": "osd dump", "format": "json"}), &d); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range d.Pools {
+		if p.Name == pool {
+			return strings.Contains(p.Flags, "full")
+		}
+	}
+	t.Fatalf("pool %s not in the OSD map", pool)
+	return false
 }

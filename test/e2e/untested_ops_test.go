@@ -335,3 +335,55 @@ func poolFull(t *testing.T, conn *rados.Conn, pool string) bool {
 	t.Fatalf("pool %s not in the OSD map", pool)
 	return false
 }
+
+// A flatten whose writes time out mid-copy (ceph.op_timeout; here its pool fills up: an object
+// quota on a pool of the test's own) fails, and its retry after flatten.retry_after starts a new
+// flatten once the pool has room. Before, the timed-out flatten left the clone's exclusive lock
+// owned by the node's connection with no handle to release it, and every retry failed with
+// EROFS while marking the clone. The quota is set once the flatten runs, and the test waits for
+// the monitors to flag the pool full (about 30 s here): the flatten is paced to 64 s for that.
+func TestTimedOutFlattenRetried(t *testing.T) {
+	conn := cephtest.Connect(t)
+	ioctx := cephtest.IOContext(t, conn)
+	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 64<<20, 16)
+	pool, pctx, _ := quotaPool(t, conn)
+	node := cephtest.Name(t, "n")
+	clone := node + "-c"
+	cephtest.CloneTo(t, ioctx, p, pctx, clone, node)
+	objects := func(n int, full bool) {
+		cephtest.MonCommand(t, conn, map[string]any{"prefix": "osd pool set-quota", "pool": pool, "field": "max_objects", "val": fmt.Sprint(n)})
+		for deadline := time.Now().Add(2 * time.Minute); poolFull(t, conn, pool) != full; time.Sleep(200 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("pool %s full: %v, want %v", pool, !full, full)
+			}
+		}
+	}
+	t.Cleanup(func() { objects(0, false) })
+	ceph := fmt.Sprintf("ceph: {conf: %s, user: %s, keyring: %q, connect_timeout: 20s, op_timeout: 5s}\n", cephtest.ConfPath(t), cephtest.DaemonUser(), cephtest.DaemonKeyring())
+	extra := ceph + "gates: {health: false}\n" + fmt.Sprintf("discovery: {pools: [{pool: %s}], interval: 1s}\n", pool)
+	conf := nodeConfig(t, node, cephtest.Name(t, "lock"), extra+"flatten: {concurrent_ops: 1, max_bytes_per_second: 1MiB, retry_after: 5s}\n")
+	pr := start(t, "run", "--config", conf)
+	pr.waitFor(t, time.Minute, "flatten progress", func(e event) bool { return e.Msg == "flatten progress" })
+	objects(1, true)
+	failure := pr.waitFor(t, 2*time.Minute, "the timed-out flatten", func(e event) bool { return e.Msg == "flatten failed" })
+	if !strings.Contains(failure.Error, "timed out") {
+		t.Fatalf("the flatten failed with %q, want a timeout (did it end before the pool was full?)", failure.Error)
+	}
+	objects(0, false)
+	next := pr.waitFor(t, 2*time.Minute, "the retry", func(e event) bool {
+		return (e.Msg == "flatten started" || e.Msg == "flatten failed") && e.TS.After(failure.TS)
+	})
+	if next.Msg != "flatten started" {
+		t.Fatalf("the retry failed again: %s", next.Error)
+	}
+	if err := pr.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if code := pr.wait(t, time.Minute); code != 0 {
+		t.Errorf("run exited %d on SIGTERM", code)
+	}
+	if code, out := runCmd(t, 3*time.Minute, "once", "--config", nodeConfig(t, node, cephtest.Name(t, "lock"), extra)); code != 0 {
+		t.Fatalf("once after the retry: exit %d\n%s", code, out)
+	}
+	cephtest.AssertFlatAndIntact(t, pctx, p, clone)
+}

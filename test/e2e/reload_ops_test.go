@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -320,4 +321,56 @@ func TestReloadChangingLockDuringFlatten(t *testing.T) {
 		t.Logf("new lock image owners at the end: %v", o)
 	}
 	t.Logf("%d RADOS samples", len(samples))
+}
+
+// after returns the datagrams received after mark (a message the test sent itself).
+func (n *notifySocket) after(mark string) []string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for i, m := range n.msgs {
+		if m == mark {
+			return append([]string(nil), n.msgs[i+1:]...)
+		}
+	}
+	return nil
+}
+
+// A reload, accepted or rejected, tells systemd RELOADING=1 and then READY=1 (Type=notify-reload
+// waits for that READY=1 before it counts the reload done). Order comes from the notify socket:
+// datagrams arrive in the order they were sent, and the test's own marks split them.
+func TestReloadNotifiesReadyAfterReloading(t *testing.T) {
+	cephtest.IOContext(t, cephtest.Connect(t)) // the test pool, for the lock image
+	node := cephtest.Name(t, "n")
+	conf := nodeConfig(t, node, cephtest.Name(t, "lock"), "")
+	notify := newNotifySocket(t)
+	pr := startWithEnv(t, []string{"NOTIFY_SOCKET=" + notify.path}, "run", "--config", conf)
+	notify.waitFor(t, "READY=1", time.Minute)
+	good, err := os.ReadFile(conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, body := range []string{string(good), string(good) + "flatten: {concurrent_ops: 0}\n"} {
+		if err := os.WriteFile(conf, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		mark := fmt.Sprintf("TEST=reload-%d", i)
+		notify.mark(t, mark)
+		if err := pr.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+			got = notify.after(mark)
+			reloading := slices.IndexFunc(got, func(m string) bool { return strings.HasPrefix(m, "RELOADING=1\nMONOTONIC_USEC=") })
+			if reloading >= 0 && slices.Contains(got[reloading+1:], "READY=1") {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("reload %d: no RELOADING=1 then READY=1 on the notify socket; after the SIGHUP: %q", i, got)
+			}
+		}
+	}
+	if n := count(pr.events(t), "configuration reload rejected, keeping the running one"); n != 1 {
+		t.Errorf("%d rejected reloads, want 1 (the second file is invalid)", n)
+	}
 }

@@ -127,10 +127,20 @@ func waitUnlocked(t *testing.T, ioctx *rados.IOContext, image string) {
 func quotaPool(t *testing.T, conn *rados.Conn) (string, *rados.IOContext, func(bytes int)) {
 	t.Helper()
 	pool := cephtest.Name(t, "pool")
-	cephtest.EnsurePool(t, conn, pool)
+	ownPool(t, conn, pool)
 	return pool, cephtest.PoolIOContext(t, conn, pool), func(bytes int) {
 		cephtest.MonCommand(t, conn, map[string]any{"prefix": "osd pool set-quota", "pool": pool, "field": "max_bytes", "val": fmt.Sprint(bytes)})
 	}
+}
+
+// ownPool creates pool for this test and removes it when the test ends, so that the suite's
+// placement groups and memory stay bounded however many such tests it has.
+func ownPool(t *testing.T, conn *rados.Conn, pool string) {
+	t.Helper()
+	cephtest.EnsurePool(t, conn, pool)
+	t.Cleanup(func() {
+		cephtest.MonCommand(t, conn, map[string]any{"prefix": "osd pool rm", "pool": pool, "pool2": pool, "yes_i_really_really_mean_it": true})
+	})
 }
 
 // Each reloaded setting takes effect, seen by what it changes: a window opened by a reload

@@ -166,7 +166,7 @@ func TestRunRetriesFailedPass(t *testing.T) {
 	if !strings.Contains(failed.Error, pool) {
 		t.Errorf("the failed pass does not name the missing pool: %q", failed.Error)
 	}
-	cephtest.EnsurePool(t, conn, pool)
+	ownPool(t, conn, pool)
 	cephtest.CloneTo(t, ioctx, p, cephtest.PoolIOContext(t, conn, pool), node+"-c", node)
 	fin := pr.waitFor(t, 2*time.Minute, "the flatten of a later pass", func(e event) bool { return e.Msg == "flatten finished" })
 	if fin.Result != "flat" {

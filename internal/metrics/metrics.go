@@ -55,7 +55,7 @@ func New(node string) *Metrics {
 	m.started = register(m, prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_flattens_started_total",
 		Help: "Flattens started (resumed ones count again)."}))
 	m.ended = register(m, prometheus.NewCounterVec(prometheus.CounterOpts{Name: "flattend_flattens_ended_total",
-		Help: "Flattens ended, by result (flat, cancelled, failed) and reason (done, window, signal, gate, lock_lost, timeout, error)."},
+		Help: "Flattens ended, by result (flat, cancelled, failed) and reason (done, window, gate, lock_lost, stopped: a signal or once --timeout, error)."},
 		[]string{"result", "reason"}))
 	m.copied = register(m, prometheus.NewCounter(prometheus.CounterOpts{Name: "flattend_copied_bytes_total",
 		Help: "Bytes of parent data copied into clones, estimated from object progress and the parent overlap."}))

@@ -5,11 +5,13 @@ import (
 	"errors"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/flattend/flattend/internal/backoff"
+	"github.com/flattend/flattend/internal/cephconn"
 	"github.com/flattend/flattend/internal/discovery"
 	"github.com/flattend/flattend/internal/flattener"
 	"github.com/flattend/flattend/internal/gate"
@@ -125,9 +127,16 @@ func (s *Scheduler) job(ctx context.Context, sess *session, c discovery.Clone) e
 	s.log.Debug("lock released", zap.String("lock", lease.Image()), zap.NamedError("unlock_error", uerr))
 	isLost := lost(uerr, ferr)
 	s.cfg.Metrics.LockReleased(isLost)
-	if isLost || uerr != nil {
+	switch {
+	case isLost || uerr != nil:
 		// The lock was lost or the connection fenced: never reuse it.
 		s.log.Warn("lock lost, reconnecting", zap.NamedError("lease", uerr), zap.NamedError("flatten", ferr))
+		s.discard()
+	case cephconn.IsErrno(ferr, syscall.ETIMEDOUT):
+		// A write that timed out (ceph.op_timeout) left the clone's exclusive lock owned by this
+		// connection, with no handle to release it: every later try on it failed with EROFS. A
+		// new connection breaks that lock, as it would a dead client's.
+		s.log.Warn("a Ceph call timed out, reconnecting", zap.Error(ferr))
 		s.discard()
 	}
 	switch {

@@ -57,10 +57,13 @@ func flattenResult(err error, lease Lease, gateCause error) (result, reason stri
 	switch {
 	case err == nil:
 		return "flat", "done", nil
-	case !errors.Is(err, flattener.ErrCancelled):
-		return "failed", "error", err
 	case lease.Err() != nil:
 		return "cancelled", "lock_lost", lease.Err() // the lease's loss is the story
+	case lost(err):
+		// Fenced before the lease noticed: the blocklisted flatten fails, it is not the clone's fault.
+		return "cancelled", "lock_lost", err
+	case !errors.Is(err, flattener.ErrCancelled):
+		return "failed", "error", err
 	case errors.Is(gateCause, gate.ErrClosed):
 		return "cancelled", "gate", gateCause
 	case errors.Is(err, ErrWindowClosed):

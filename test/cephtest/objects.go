@@ -23,13 +23,14 @@ func DataObjectsIn(t testing.TB, conn *rados.Conn, pool, dataPool, image string)
 	if err != nil {
 		t.Fatalf("open %s: %v", image, err)
 	}
-	id, err := img.GetId()
+	info, err := img.Stat()
 	img.Close()
 	if err != nil {
 		t.Fatal(err)
 	}
 	ioctx := PoolIOContext(t, conn, dataPool) // GetLastVersion is per I/O context: not shared
-	prefix := "rbd_data." + id + "."
+	// rbd_data.<id>. in the image's pool, rbd_data.<pool id>.<id>. in a data pool.
+	prefix := info.Block_name_prefix + "."
 	var names []string
 	if err := ioctx.ListObjects(func(oid string) {
 		if strings.HasPrefix(oid, prefix) {

@@ -90,10 +90,8 @@ func TestLockLostDuringRepair(t *testing.T) {
 	for _, n := range lost {
 		cephtest.LoseCopyupIn(t, ioctx, data, clone, n)
 	}
-	// One object of the test's own, and a quota of one object: the pool is full.
-	if err := data.WriteFull("filler", []byte("x")); err != nil {
-		t.Fatal(err)
-	}
+	// Object 0 copied up and kept: the pool holds one object, and the evidence below is not blind.
+	copyUp(t, ioctx, clone, 0)
 	quota := func(objects int) {
 		cephtest.MonCommand(t, conn, map[string]any{"prefix": "osd pool set-quota", "pool": dataPool, "field": "max_objects", "val": fmt.Sprint(objects)})
 	}
@@ -111,6 +109,9 @@ func TestLockLostDuringRepair(t *testing.T) {
 		}
 	}
 	before := cephtest.DataObjectsIn(t, conn, cephtest.Pool, dataPool, clone)
+	if len(before) != 1 {
+		t.Fatalf("data objects of %s before the repair: %v, want object 0 alone", clone, before)
+	}
 	addr := breakFromOutside(t, conn, ioctx, lockImage)
 	// The slot stays taken: A reconnects as a new client once its repair returns, and must not
 	// be the one that finishes the clone here.
@@ -122,10 +123,10 @@ func TestLockLostDuringRepair(t *testing.T) {
 	a.waitFor(t, 2*time.Minute, "the lost lease", func(e event) bool { return e.Msg == "lock lost, reconnecting" })
 	after := cephtest.DataObjectsIn(t, conn, cephtest.Pool, dataPool, clone)
 	if !maps.Equal(after, fenced) || !maps.Equal(before, fenced) {
-		t.Errorf("the fenced client %s wrote data objects: %v before the break, %v at the fence, %v after its repair returned", addr, before, fenced, after)
+		t.Errorf("data objects written after the lease of %s was broken: %v before the break, %v at the fence, %v after the repair returned", addr, before, fenced, after)
 	}
 	for _, n := range lost {
-		oid := fmt.Sprintf("rbd_data.%s.%016x", imageID(t, ioctx, clone), n)
+		oid := fmt.Sprintf("%s.%016x", blockPrefix(t, ioctx, clone), n)
 		if _, ok := after[oid]; ok {
 			t.Errorf("lost object %d was written by the fenced repair", n)
 		}
@@ -155,18 +156,45 @@ func TestLockLostDuringRepair(t *testing.T) {
 	}
 }
 
-func imageID(t *testing.T, ioctx *rados.IOContext, image string) string {
+// blockPrefix is the prefix of image's data objects (rbd_data.<pool id>.<id> with a data pool).
+func blockPrefix(t *testing.T, ioctx *rados.IOContext, image string) string {
 	t.Helper()
 	img, err := rbd.OpenImageReadOnly(ioctx, image, rbd.NoSnapshot)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer img.Close()
-	id, err := img.GetId()
+	info, err := img.Stat()
 	if err != nil {
 		t.Fatal(err)
 	}
-	return id
+	return info.Block_name_prefix
+}
+
+// copyUp makes librbd copy object n of clone up from its parent (a one-byte rewrite of what it
+// reads there).
+func copyUp(t *testing.T, ioctx *rados.IOContext, clone string, n int64) {
+	t.Helper()
+	img, err := rbd.OpenImage(ioctx, clone, rbd.NoSnapshot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	size, err := img.GetSize()
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := img.Stat()
+	if err != nil || uint64(n)*st.Obj_size >= size {
+		t.Fatalf("object %d of %s: %v", n, clone, err)
+	}
+	b := make([]byte, 1)
+	if _, err := img.ReadAt(b, n*int64(st.Obj_size)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := img.WriteAt(b, n*int64(st.Obj_size)); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // Node A is killed -9 mid-flatten of its clone; one object it had copied up is then lost (the

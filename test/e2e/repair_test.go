@@ -77,21 +77,18 @@ func TestLockLostDuringRepair(t *testing.T) {
 	data := cephtest.PoolIOContext(t, conn, dataPool)
 	nodeA, nodeB := cephtest.Name(t, "a"), cephtest.Name(t, "b")
 	clone := nodeA + "-c"
-	opts := rbd.NewRbdImageOptions()
-	defer opts.Destroy()
-	if err := opts.SetString(rbd.ImageOptionDataPool, dataPool); err != nil {
-		t.Fatal(err)
-	}
-	if err := rbd.CloneImage(ioctx, p.Name, p.Snap, ioctx, clone, opts); err != nil {
-		t.Fatal(err)
-	}
+	cephtest.CloneDataPool(t, ioctx, p, clone, dataPool)
 	cephtest.SetMeta(t, ioctx, clone, "flattend.owner", nodeA)
-	lost := []uint64{10, 40, 70, 100}
-	for _, n := range lost {
-		cephtest.LoseCopyupIn(t, ioctx, data, clone, n)
+	var lost []string // lost copy-ups: the object map says they exist, RADOS has no object
+	for _, n := range []uint64{10, 40, 70, 100} {
+		oid := cephtest.CopyUp(t, ioctx, clone, n)
+		if err := data.Delete(oid); err != nil {
+			t.Fatal(err)
+		}
+		lost = append(lost, oid)
 	}
 	// Object 0 copied up and kept: the pool holds one object, and the evidence below is not blind.
-	copyUp(t, ioctx, clone, 0)
+	cephtest.CopyUp(t, ioctx, clone, 0)
 	quota := func(objects int) {
 		cephtest.MonCommand(t, conn, map[string]any{"prefix": "osd pool set-quota", "pool": dataPool, "field": "max_objects", "val": fmt.Sprint(objects)})
 	}
@@ -125,10 +122,9 @@ func TestLockLostDuringRepair(t *testing.T) {
 	if !maps.Equal(after, fenced) || !maps.Equal(before, fenced) {
 		t.Errorf("data objects written after the lease of %s was broken: %v before the break, %v at the fence, %v after the repair returned", addr, before, fenced, after)
 	}
-	for _, n := range lost {
-		oid := fmt.Sprintf("%s.%016x", blockPrefix(t, ioctx, clone), n)
+	for _, oid := range lost {
 		if _, ok := after[oid]; ok {
-			t.Errorf("lost object %d was written by the fenced repair", n)
+			t.Errorf("lost object %s was written by the fenced repair", oid)
 		}
 	}
 	if !blocklisted(t, conn, addr) {
@@ -153,47 +149,6 @@ func TestLockLostDuringRepair(t *testing.T) {
 	}
 	if mark := flatteningMark(t, ioctx, clone); mark != "" {
 		t.Errorf("flattening mark %q left after %s's clean flatten", mark, nodeB)
-	}
-}
-
-// blockPrefix is the prefix of image's data objects (rbd_data.<pool id>.<id> with a data pool).
-func blockPrefix(t *testing.T, ioctx *rados.IOContext, image string) string {
-	t.Helper()
-	img, err := rbd.OpenImageReadOnly(ioctx, image, rbd.NoSnapshot)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer img.Close()
-	info, err := img.Stat()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return info.Block_name_prefix
-}
-
-// copyUp makes librbd copy object n of clone up from its parent (a one-byte rewrite of what it
-// reads there).
-func copyUp(t *testing.T, ioctx *rados.IOContext, clone string, n int64) {
-	t.Helper()
-	img, err := rbd.OpenImage(ioctx, clone, rbd.NoSnapshot)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer img.Close()
-	size, err := img.GetSize()
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := img.Stat()
-	if err != nil || uint64(n)*st.Obj_size >= size {
-		t.Fatalf("object %d of %s: %v", n, clone, err)
-	}
-	b := make([]byte, 1)
-	if _, err := img.ReadAt(b, n*int64(st.Obj_size)); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := img.WriteAt(b, n*int64(st.Obj_size)); err != nil {
-		t.Fatal(err)
 	}
 }
 

@@ -57,7 +57,8 @@ func poolFull(t *testing.T, conn *rados.Conn, pool string, full bool) {
 
 // A lease lost in the middle of a lost-copy-up repair stops the repair: no object is written by
 // the fenced client, the clone keeps its flattening mark, and the next holder verifies, repairs
-// and flattens it to its parent's content.
+// and flattens it to its parent's content. Both nodes verify whatever the librbd
+// (verify_copyups: always).
 //
 // The repair is held by construction: the clone's data lives in a pool of the test's own whose
 // object quota is reached, so librados parks the repair's first copy-up write (a full pool
@@ -66,9 +67,6 @@ func poolFull(t *testing.T, conn *rados.Conn, pool string, full bool) {
 // quota, and reads from RADOS that the parked write never landed: no data object of the clone
 // was created or changed.
 func TestLockLostDuringRepair(t *testing.T) {
-	if flattener.CopyupFixed(flattener.CephVersion()) {
-		t.Skipf("librbd %s flattens lost copy-ups itself: flattend does not repair", flattener.CephVersion())
-	}
 	conn := cephtest.Connect(t)
 	ioctx := cephtest.IOContext(t, conn)
 	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 8<<20, 16) // 128 objects
@@ -97,8 +95,9 @@ func TestLockLostDuringRepair(t *testing.T) {
 	poolFull(t, conn, dataPool, true)
 
 	lockImage := cephtest.Name(t, "lock")
-	// A's gates would close on its own full data pool: off, so that it reaches the repair.
-	a := start(t, "once", "--config", nodeConfig(t, nodeA, lockImage, "gates: {health: false, recovery: false}\n"))
+	// A's gates would close on its own full data pool: off, so that it reaches the repair. The
+	// repair runs whatever the librbd (a fixed one needs none: verify_copyups: auto skips it).
+	a := start(t, "once", "--config", nodeConfig(t, nodeA, lockImage, "gates: {health: false, recovery: false}\nflatten: {verify_copyups: always}\n"))
 	// The mark is set right before the verification, on the lease's connection.
 	for deadline := time.Now().Add(time.Minute); !strings.Contains(flatteningMark(t, ioctx, clone), nodeA); time.Sleep(100 * time.Millisecond) {
 		if time.Now().After(deadline) {
@@ -139,7 +138,7 @@ func TestLockLostDuringRepair(t *testing.T) {
 	a.wait(t, time.Minute)
 	release()
 
-	code, out := runCmd(t, 2*time.Minute, "once", "--config", nodeConfig(t, nodeB, lockImage, ""), "--image", cephtest.Pool+"/"+clone)
+	code, out := runCmd(t, 2*time.Minute, "once", "--config", nodeConfig(t, nodeB, lockImage, "flatten: {verify_copyups: always}\n"), "--image", cephtest.Pool+"/"+clone)
 	if code != 0 {
 		t.Fatalf("once --image by %s: exit %d\n%s", nodeB, code, out)
 	}

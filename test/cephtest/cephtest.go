@@ -222,6 +222,15 @@ func LoseCopyup(t testing.TB, ioctx *rados.IOContext, clone string, obj uint64) 
 // opens (rbd create --data-pool); it follows the clone's striping.
 func LoseCopyupIn(t testing.TB, ioctx, data *rados.IOContext, clone string, obj uint64) {
 	t.Helper()
+	if err := data.Delete(CopyUp(t, ioctx, clone, obj)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// CopyUp makes librbd copy object obj of clone up from its parent (a one-byte rewrite of what
+// the clone reads there), following the clone's striping, and returns the object's name.
+func CopyUp(t testing.TB, ioctx *rados.IOContext, clone string, obj uint64) string {
+	t.Helper()
 	img, err := rbd.OpenImage(ioctx, clone, rbd.NoSnapshot)
 	if err != nil {
 		t.Fatal(err)
@@ -247,9 +256,7 @@ func LoseCopyupIn(t testing.TB, ioctx, data *rados.IOContext, clone string, obj 
 	if _, err := img.WriteAt(b, off); err != nil {
 		t.Fatal(err)
 	}
-	if err := data.Delete(fmt.Sprintf("%s.%016x", info.Block_name_prefix, obj)); err != nil {
-		t.Fatal(err)
-	}
+	return fmt.Sprintf("%s.%016x", info.Block_name_prefix, obj)
 }
 
 // HasSnapshot reports whether image name has a snapshot snap.
@@ -282,6 +289,20 @@ func CloneTo(t testing.TB, pioctx *rados.IOContext, p Parent, cioctx *rados.IOCo
 	}
 	if owner != "" {
 		SetMeta(t, cioctx, name, "flattend.owner", owner)
+	}
+}
+
+// CloneDataPool is Clone with the clone's data objects in dataPool (rbd clone --data-pool). It
+// sets no owner.
+func CloneDataPool(t testing.TB, ioctx *rados.IOContext, p Parent, name, dataPool string) {
+	t.Helper()
+	opts := rbd.NewRbdImageOptions()
+	defer opts.Destroy()
+	if err := opts.SetString(rbd.ImageOptionDataPool, dataPool); err != nil {
+		t.Fatal(err)
+	}
+	if err := rbd.CloneImage(ioctx, p.Name, p.Snap, ioctx, name, opts); err != nil {
+		t.Fatalf("clone %s@%s to %s (data pool %s): %v", p.Name, p.Snap, name, dataPool, err)
 	}
 }
 

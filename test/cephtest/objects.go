@@ -15,17 +15,24 @@ import (
 // not written, whatever the daemon says. It lists the whole pool on an I/O context of its own.
 func DataObjects(t testing.TB, conn *rados.Conn, pool, image string) map[string]uint64 {
 	t.Helper()
-	ioctx := PoolIOContext(t, conn, pool) // GetLastVersion is per I/O context: not shared
-	img, err := rbd.OpenImageReadOnly(ioctx, image, rbd.NoSnapshot)
+	return DataObjectsIn(t, conn, pool, pool, image)
+}
+
+// DataObjectsIn is DataObjects for an image of pool whose data lives in dataPool (--data-pool).
+func DataObjectsIn(t testing.TB, conn *rados.Conn, pool, dataPool, image string) map[string]uint64 {
+	t.Helper()
+	img, err := rbd.OpenImageReadOnly(PoolIOContext(t, conn, pool), image, rbd.NoSnapshot)
 	if err != nil {
 		t.Fatalf("open %s: %v", image, err)
 	}
-	id, err := img.GetId()
+	info, err := img.Stat()
 	img.Close()
 	if err != nil {
 		t.Fatal(err)
 	}
-	prefix := "rbd_data." + id + "."
+	ioctx := PoolIOContext(t, conn, dataPool) // GetLastVersion is per I/O context: not shared
+	// rbd_data.<id>. in the image's pool, rbd_data.<pool id>.<id>. in a data pool.
+	prefix := info.Block_name_prefix + "."
 	var names []string
 	if err := ioctx.ListObjects(func(oid string) {
 		if strings.HasPrefix(oid, prefix) {

@@ -94,14 +94,7 @@ func TestSpaceGateWatchesDataPool(t *testing.T) {
 	cephtest.EnsurePool(t, conn, dataPool)
 	node := cephtest.Name(t, "n")
 	clone := node + "-c"
-	opts := rbd.NewRbdImageOptions()
-	defer opts.Destroy()
-	if err := opts.SetString(rbd.ImageOptionDataPool, dataPool); err != nil {
-		t.Fatal(err)
-	}
-	if err := rbd.CloneImage(ioctx, p.Name, p.Snap, ioctx, clone, opts); err != nil {
-		t.Fatal(err)
-	}
+	cephtest.CloneDataPool(t, ioctx, p, clone, dataPool)
 	cephtest.SetMeta(t, ioctx, clone, "flattend.owner", node)
 	quota := func(bytes int) {
 		cephtest.MonCommand(t, conn, map[string]any{"prefix": "osd pool set-quota", "pool": dataPool, "field": "max_bytes", "val": fmt.Sprint(bytes)})

@@ -29,8 +29,15 @@ const partitionEnv = "FLATTEND_E2E_PARTITION_LAB"
 // flattens ever ran at once. The test runs itself again inside the cluster's namespace
 // (partitionInner), where go-ceph reaches the cluster and `ip netns exec` the nodes.
 func TestPartitionedHolderIsFencedAndRecovers(t *testing.T) {
+	inLab(t, "TestPartitionedHolderIsFencedAndRecovers", []string{"h1", "h2"}, partitionInner)
+}
+
+// inLab runs test name (the caller) in a network lab of a cluster namespace and hosts: the outer
+// run starts a cephx cluster inside namespace "ceph" and runs the test binary again there, where
+// inner gets the lab (go-ceph reaches the cluster, `ip netns exec` runs the nodes).
+func inLab(t *testing.T, name string, hosts []string, inner func(*testing.T, *netlab.Lab)) {
 	if enc := os.Getenv(partitionEnv); enc != "" {
-		partitionInner(t, netlab.Attach(t, enc))
+		inner(t, netlab.Attach(t, enc))
 		return
 	}
 	if os.Getenv("FLATTEND_TEST_CEPH_AUTH") == "cephx" {
@@ -39,7 +46,7 @@ func TestPartitionedHolderIsFencedAndRecovers(t *testing.T) {
 	if why := netlab.Available(); why != "" {
 		t.Skipf("network namespaces unavailable here (need root and iproute2): %s", why)
 	}
-	lab := netlab.New(t, "ceph", "h1", "h2")
+	lab := netlab.New(t, append([]string{"ceph"}, hosts...)...)
 	clusterDir := filepath.Join(t.TempDir(), "cluster")
 	// cephx, the nodes with the least-privilege key: fencing (blocklist add, break lock) must
 	// work with the caps flattend is given.
@@ -54,7 +61,7 @@ func TestPartitionedHolderIsFencedAndRecovers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	args := []string{exe, "-test.run", "^TestPartitionedHolderIsFencedAndRecovers$", "-test.count", "1"}
+	args := []string{exe, "-test.run", "^" + name + "$", "-test.count", "1"}
 	if d, ok := t.Deadline(); ok { // the inner run must end first: a timeout panic skips cleanups
 		args = append(args, "-test.timeout", max(time.Until(d)-time.Minute, time.Minute).String())
 	}
@@ -65,7 +72,7 @@ func TestPartitionedHolderIsFencedAndRecovers(t *testing.T) {
 		"FLATTEND_TEST_CEPH_USER=", "FLATTEND_TEST_CEPH_KEYRING=", "FLATTEND_BIN=" + binary}, args...)
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	if err := cmd.Run(); err != nil {
-		t.Fatalf("the partition test, run inside the cluster's namespace: %v", err)
+		t.Fatalf("%s, run inside the cluster's namespace: %v", name, err)
 	}
 }
 

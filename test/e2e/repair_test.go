@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"fmt"
 	"maps"
 	"slices"
 	"strings"
@@ -41,20 +40,6 @@ func breakFromOutside(t *testing.T, conn *rados.Conn, ioctx *rados.IOContext, im
 	return l.Addr
 }
 
-// poolFull waits until the OSD map flags pool as full (its quota reached, or not).
-func poolFull(t *testing.T, conn *rados.Conn, pool string, full bool) {
-	t.Helper()
-	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
-		out := string(cephtest.MonCommand(t, conn, map[string]any{"prefix": "osd pool ls", "detail": "detail"}))
-		for _, l := range strings.Split(out, "\n") {
-			if strings.Contains(l, "'"+pool+"'") && strings.Contains(l, "full_quota") == full {
-				return
-			}
-		}
-	}
-	t.Fatalf("pool %s not flagged full=%v within a minute", pool, full)
-}
-
 // A lease lost in the middle of a lost-copy-up repair stops the repair: no object is written by
 // the fenced client, the clone keeps its flattening mark, and the next holder verifies, repairs
 // and flattens it to its parent's content. Both nodes verify whatever the librbd
@@ -87,12 +72,8 @@ func TestLockLostDuringRepair(t *testing.T) {
 	}
 	// Object 0 copied up and kept: the pool holds one object, and the evidence below is not blind.
 	cephtest.CopyUp(t, ioctx, clone, 0)
-	quota := func(objects int) {
-		cephtest.MonCommand(t, conn, map[string]any{"prefix": "osd pool set-quota", "pool": dataPool, "field": "max_objects", "val": fmt.Sprint(objects)})
-	}
-	quota(1)
-	t.Cleanup(func() { quota(0) })
-	poolFull(t, conn, dataPool, true)
+	objectQuota(t, conn, dataPool, 1, true)
+	t.Cleanup(func() { objectQuota(t, conn, dataPool, 0, false) })
 
 	lockImage := cephtest.Name(t, "lock")
 	// A's gates would close on its own full data pool: off, so that it reaches the repair. The
@@ -113,8 +94,7 @@ func TestLockLostDuringRepair(t *testing.T) {
 	// be the one that finishes the clone here.
 	release := cephtest.HoldLock(t, cephtest.IOContext(t, cephtest.Connect(t)), lockImage)
 	fenced := cephtest.DataObjectsIn(t, conn, cephtest.Pool, dataPool, clone)
-	quota(0) // the parked write goes out now: the OSD must refuse it
-	poolFull(t, conn, dataPool, false)
+	objectQuota(t, conn, dataPool, 0, false) // the parked write goes out now: the OSD must refuse it
 	// A's job returns once its repair does: the parked write was answered.
 	a.waitFor(t, 2*time.Minute, "the lost lease", func(e event) bool { return e.Msg == "lock lost, reconnecting" })
 	after := cephtest.DataObjectsIn(t, conn, cephtest.Pool, dataPool, clone)

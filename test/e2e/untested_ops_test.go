@@ -276,14 +276,7 @@ func TestRetryAfter(t *testing.T) {
 	node := cephtest.Name(t, "n")
 	clone := node + "-c"
 	cephtest.CloneTo(t, ioctx, p, pctx, clone, node)
-	objects := func(n int, full bool) {
-		cephtest.MonCommand(t, conn, map[string]any{"prefix": "osd pool set-quota", "pool": pool, "field": "max_objects", "val": fmt.Sprint(n)})
-		for deadline := time.Now().Add(2 * time.Minute); poolFull(t, conn, pool) != full; time.Sleep(200 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("pool %s full: %v, want %v", pool, !full, full)
-			}
-		}
-	}
+	objects := func(n int, full bool) { objectQuota(t, conn, pool, n, full) }
 	objects(1, true) // the clone's metadata objects are more already
 	t.Cleanup(func() { objects(0, false) })
 	// Long enough for the monitors to lift the full flag (they do within seconds) before the retry.
@@ -316,6 +309,18 @@ func TestRetryAfter(t *testing.T) {
 }
 
 // poolFull reports whether the OSD map flags pool full (a quota reached), as the monitors say.
+// objectQuota sets pool's object quota to n (0: none) and waits until the monitors flag the pool
+// full, or not, as full says (they do it on their next tick, tens of seconds on a loaded machine).
+func objectQuota(t *testing.T, conn *rados.Conn, pool string, n int, full bool) {
+	t.Helper()
+	cephtest.MonCommand(t, conn, map[string]any{"prefix": "osd pool set-quota", "pool": pool, "field": "max_objects", "val": fmt.Sprint(n)})
+	for deadline := time.Now().Add(2 * time.Minute); poolFull(t, conn, pool) != full; time.Sleep(200 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("pool %s full: %v, want %v", pool, !full, full)
+		}
+	}
+}
+
 func poolFull(t *testing.T, conn *rados.Conn, pool string) bool {
 	t.Helper()
 	var d struct {
@@ -350,14 +355,7 @@ func TestTimedOutFlattenRetried(t *testing.T) {
 	node := cephtest.Name(t, "n")
 	clone := node + "-c"
 	cephtest.CloneTo(t, ioctx, p, pctx, clone, node)
-	objects := func(n int, full bool) {
-		cephtest.MonCommand(t, conn, map[string]any{"prefix": "osd pool set-quota", "pool": pool, "field": "max_objects", "val": fmt.Sprint(n)})
-		for deadline := time.Now().Add(2 * time.Minute); poolFull(t, conn, pool) != full; time.Sleep(200 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("pool %s full: %v, want %v", pool, !full, full)
-			}
-		}
-	}
+	objects := func(n int, full bool) { objectQuota(t, conn, pool, n, full) }
 	t.Cleanup(func() { objects(0, false) })
 	ceph := fmt.Sprintf("ceph: {conf: %s, user: %s, keyring: %q, connect_timeout: 20s, op_timeout: 5s}\n", cephtest.ConfPath(t), cephtest.DaemonUser(), cephtest.DaemonKeyring())
 	extra := ceph + "gates: {health: false}\n" + fmt.Sprintf("discovery: {pools: [{pool: %s}], interval: 1s}\n", pool)

@@ -110,8 +110,8 @@ func TestJunkQueueEntriesDoNotBlock(t *testing.T) {
 	}
 	select {
 	case <-live.Wake():
-	case <-time.After(10 * time.Second):
-		t.Fatal("the live waiter behind the junk was not granted the slot within 10 s of the release")
+	case <-time.After(wakeBound):
+		t.Fatalf("the live waiter behind the junk was not granted the slot within %s of the release", wakeBound)
 	}
 	wl, err := live.TryLock(context.Background())
 	if err != nil {

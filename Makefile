@@ -44,7 +44,8 @@ test: build ## the whole suite, unit and integration, against throwaway local Ce
 	FLATTEND_TEST_AUTH=cephx bash test/run.sh $(GO) test $(GOFLAGS_TAGS) -count=1 -timeout 40m ./internal/... ./test/...
 
 UNIT_PKGS := ./cmd/flattend ./internal/backoff ./internal/config ./internal/gate ./internal/humanize \
-	./internal/libvirturi ./internal/rbdimage ./internal/scheduler ./internal/window ./internal/metrics ./deploy
+	./internal/libvirturi ./internal/rbdimage ./internal/scheduler ./internal/window ./internal/metrics ./deploy \
+	./internal/journald ./internal/status
 
 unit: deps ## pure-logic tests only, with fakes where Ceph would be (no cluster; seconds)
 	$(GO) test $(GOFLAGS_TAGS) -count=1 $(UNIT_PKGS)

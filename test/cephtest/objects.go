@@ -58,8 +58,8 @@ func DataObjectsIn(t testing.TB, conn *rados.Conn, pool, dataPool, image string)
 // AssertResumeSkipped checks, from the versions DataObjects read before and after a resumed
 // flatten, that the resume wrote none of the objects already copied. A librbd with the fix of
 // Ceph tracker 68998 no longer trusts the object map and sends a write to every object of the
-// overlap (seen on 18.2.7: every version rose), copying nothing where the object exists; there
-// versions cannot tell a skip from a copy, and only the caller's content check stands.
+// overlap (seen on 18.2.7: every version rose on the resume); there versions cannot tell a skip
+// from a copy, and only the caller's content check stands.
 func AssertResumeSkipped(t testing.TB, before, after map[string]uint64) {
 	t.Helper()
 	rewritten := 0

@@ -85,8 +85,24 @@ func (w Owner) String() string { return w.Client + " " + w.Cookie }
 
 // New returns an observer of the lock images lockImage, lockImage.1, … (slots of them, opened
 // once flattend has made them) and of the clones given to Watch. Violations are t.Errorf'd.
+//
+// The images it opens are closed when the test ends, before conn and ioctx (made before New)
+// are shut down: librados torn down under open images is undefined behaviour.
 func New(t testing.TB, conn *rados.Conn, ioctx *rados.IOContext, lockImage string, slots int) *Observer {
-	return &Observer{t: t, conn: conn, ioctx: ioctx, lockImage: lockImage, slots: slots, last: make([]string, slots), isFlat: func(string) bool { return false }}
+	o := &Observer{t: t, conn: conn, ioctx: ioctx, lockImage: lockImage, slots: slots, last: make([]string, slots), isFlat: func(string) bool { return false }}
+	t.Cleanup(o.closeImages)
+	return o
+}
+
+// closeImages closes every image the observer opened; Run's rounds have ended (Run's cleanup
+// runs before this one).
+func (o *Observer) closeImages() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for _, tg := range slices.Concat(o.targets, o.slotImgs) {
+		_ = tg.img.Close()
+	}
+	o.targets, o.slotImgs = nil, nil
 }
 
 // SetIsFlat tells the observer which clones are known flat: it reads them only every tenth round.
@@ -144,9 +160,13 @@ func (o *Observer) liveOwner(tg *target) (live *Owner, dead bool, n int, err err
 	return nil, true, info.NumLockers, nil
 }
 
-// Run samples every 100 ms until ctx ends; the returned channel closes after the last round.
+// Run samples every 100 ms until ctx ends or the test ends; the returned channel closes after
+// the last round. A test that ends early (t.Fatal) still waits for the round in flight before
+// its images and connection go.
 func (o *Observer) Run(ctx context.Context) <-chan struct{} {
+	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
+	o.t.Cleanup(func() { cancel(); <-done })
 	go func() {
 		defer close(done)
 		tick := time.NewTicker(100 * time.Millisecond)

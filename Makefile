@@ -11,7 +11,7 @@ GOFLAGS_TAGS = $(if $(GO_TAGS),-tags $(GO_TAGS),)
 export GO_TAGS
 export FLATTEND_BIN := $(CURDIR)/bin/flattend
 
-.PHONY: all deps build test unit lint bench soak demo clean
+.PHONY: all deps build test test-under-load unit lint bench soak demo clean
 
 # The release the tests are told they run on (test/e2e checks `flattend version` against it):
 # test/release.sh sets it in its chroots; here it is the host's, from its librbd.h.
@@ -42,6 +42,10 @@ test: build ## the whole suite, unit and integration, against throwaway local Ce
 	bash test/run.sh $(GO) test $(GOFLAGS_TAGS) -count=1 -timeout 40m ./...
 	@echo "== again on a cephx cluster, flattend with its least-privilege key (mon/osd 'profile rbd')"
 	FLATTEND_TEST_AUTH=cephx bash test/run.sh $(GO) test $(GOFLAGS_TAGS) -count=1 -timeout 40m ./internal/... ./test/...
+
+RUNS ?= 3
+test-under-load: build ## make test RUNS times in a row (default 3) beside a busy loop per core; stops at the first failure
+	bash test/under-load.sh $(RUNS)
 
 UNIT_PKGS := ./cmd/flattend ./internal/backoff ./internal/config ./internal/gate ./internal/humanize \
 	./internal/libvirturi ./internal/rbdimage ./internal/scheduler ./internal/window ./internal/metrics ./deploy \

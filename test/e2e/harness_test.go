@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -106,6 +107,7 @@ func startCmd(t *testing.T, cmd *exec.Cmd) *proc {
 	}
 	p := &proc{cmd: cmd, log: logf.Name(), done: make(chan struct{})}
 	p.cmd.Stdout, p.cmd.Stderr = logf, logf
+	dieWithTest(p.cmd)
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -119,6 +121,16 @@ func startCmd(t *testing.T, cmd *exec.Cmd) *proc {
 		}
 	})
 	return p
+}
+
+// dieWithTest has the kernel kill cmd when this test binary dies: a test binary that crashes
+// runs no cleanup, and a daemon it started would otherwise go on flattening (or holding a
+// slot) on the next suite's cluster.
+func dieWithTest(cmd *exec.Cmd) {
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
 }
 
 // wait returns the exit code, failing the test after timeout.
@@ -280,6 +292,7 @@ func runCmd(t *testing.T, timeout time.Duration, args ...string) (int, string) {
 	var out bytes.Buffer
 	cmd := exec.Command(binary, args...)
 	cmd.Stdout, cmd.Stderr = &out, &out
+	dieWithTest(cmd)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

@@ -57,6 +57,7 @@ func journaled(t *testing.T, f, named *os.File, args ...string) *exec.Cmd {
 	cmd := exec.Command(binary, args...)
 	cmd.Env = append(os.Environ(), fmt.Sprintf("JOURNAL_STREAM=%d:%d", st.Dev, st.Ino))
 	cmd.Stderr = f // an *os.File: the child's fd 2 is this very file
+	dieWithTest(cmd)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

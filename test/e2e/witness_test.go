@@ -33,8 +33,7 @@ func watchRADOS(t *testing.T, conn *rados.Conn, ioctx *rados.IOContext, lockImag
 	ctx, cancel := context.WithCancel(context.Background())
 	done := o.Run(ctx)
 	w := &witness{Observer: o, conn: conn, lockImage: lockImage}
-	w.stop = func() { cancel(); <-done }
-	t.Cleanup(w.stop)
+	w.stop = func() { cancel(); <-done } // also when the test ends: Run's own cleanup
 	return w
 }
 

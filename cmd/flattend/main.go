@@ -102,12 +102,14 @@ type env struct {
 	fromFile bool
 	// current is the config in force: `run` replaces it on reload, and dial follows it.
 	current *atomic.Pointer[config.Config]
-	dial    func() (*rados.Conn, error)
-	level   zap.AtomicLevel
-	log     *zap.Logger
-	stdin   io.Reader
-	stdout  io.Writer
-	stderr  io.Writer
+	dial    func() (*rados.Conn, error) // the lock's connection: everything that writes
+	// dialReader dials a reader (cephconn.ReaderThreads) for what only reads images: discovery.
+	dialReader func() (*rados.Conn, error)
+	level      zap.AtomicLevel
+	log        *zap.Logger
+	stdin      io.Reader
+	stdout     io.Writer
+	stderr     io.Writer
 }
 
 func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
@@ -184,7 +186,8 @@ func newEnv(o options, cmd command, stdout, stderr io.Writer) (*env, bool) {
 	e := &env{cfg: cfg, fromFile: found, current: new(atomic.Pointer[config.Config]), level: level, log: log,
 		stdin: os.Stdin, stdout: stdout, stderr: stderr}
 	e.current.Store(cfg)
-	e.dial = newDialer(e.current)
+	e.dial = newDialer(e.current, 0)
+	e.dialReader = newDialer(e.current, cephconn.ReaderThreads)
 	return e, true
 }
 

@@ -51,16 +51,17 @@ func runOnce(ctx context.Context, e *env, o options) int {
 		// Ceph calls that do not return (paused OSDs) must not outlast the limit by more than the grace.
 		defer exitAfterGrace(ctx, errTimeout, stopGrace, e.log, os.Exit)()
 	}
-	sum, err := onePass(ctx, sched, e.dial, o.image)
+	sum, err := onePass(ctx, sched, e.dialReader, o.image)
 	return passResult(ctx, e.log, sum, err)
 }
 
 // onePass flattens the clone image names or, without one, makes a pass over this node's clones.
-func onePass(ctx context.Context, sched *scheduler.Scheduler, dial func() (*rados.Conn, error), image string) (scheduler.Summary, error) {
+// dialReader dials the connection that reads the named clone.
+func onePass(ctx context.Context, sched *scheduler.Scheduler, dialReader func() (*rados.Conn, error), image string) (scheduler.Summary, error) {
 	if image == "" {
 		return sched.Pass(ctx)
 	}
-	clone, err := imageClone(dial, image)
+	clone, err := imageClone(dialReader, image)
 	if err != nil {
 		return scheduler.Summary{}, err
 	}

@@ -69,7 +69,7 @@ func planFlags(fs *flag.FlagSet, o *options) {
 
 // runPlan is `flattend plan`.
 func runPlan(ctx context.Context, e *env, o options) int {
-	return plan(ctx, e.cfg, e.dial, o.json, e.stdout, e.stderr)
+	return plan(ctx, e.cfg, e.dialReader, o.json, e.stdout, e.stderr)
 }
 
 // plan discovers this node's clones, orders them as a pass would and says why each one is there

@@ -71,7 +71,7 @@ func schedulerConfig(cfg *config.Config, x schedulerExtras) scheduler.Config {
 // caller closes it with closeScheduler.
 func startScheduler(e *env, x schedulerExtras) (*scheduler.Scheduler, int) {
 	warnConfig(e.log, e.cfg)
-	sched := scheduler.New(schedulerConfig(e.cfg, x), scheduler.CephConnector(e.dial, e.log), sources(e.cfg, e.log), e.log)
+	sched := scheduler.New(schedulerConfig(e.cfg, x), scheduler.CephConnector(e.dial, e.dialReader, e.log), sources(e.cfg, e.log), e.log)
 	if err := sched.Connect(); err != nil {
 		e.log.Error("cannot start", zap.Error(err))
 		closeScheduler(sched)
@@ -100,9 +100,13 @@ func closeScheduler(sched *scheduler.Scheduler) {
 }
 
 // newDialer returns a dialer that follows config reloads (SIGHUP): the next connection uses the
-// new settings.
-func newDialer(current *atomic.Pointer[config.Config]) func() (*rados.Conn, error) {
-	return func() (*rados.Conn, error) { return cephconn.Dial(cephOptions(current.Load())) }
+// new settings. ioThreads is cephconn.Options.IOThreads: cephconn.ReaderThreads for a reader.
+func newDialer(current *atomic.Pointer[config.Config], ioThreads int) func() (*rados.Conn, error) {
+	return func() (*rados.Conn, error) {
+		o := cephOptions(current.Load())
+		o.IOThreads = ioThreads
+		return cephconn.Dial(o)
+	}
 }
 
 func cephOptions(cfg *config.Config) cephconn.Options {

@@ -19,6 +19,18 @@ import (
 // authenticate: the daemon cannot do anything without them (exit code 3).
 var ErrUnreachable = errors.New("cannot reach or authenticate to Ceph")
 
+// ReaderThreads is librados_thread_count for a reader: a connection that only opens images
+// read-only, reads them and closes them again (discovery, and inspecting a clone). librbd
+// (16.2.15, and the same code since) ends an image open on one of these threads: it wakes the
+// opener, then locks the image's state once more. With two threads the opener can close the
+// image, and librbd free it, before that thread takes the lock: a use-after-free that aborts
+// the process ("std::system_error ... Invalid argument", or "The futex facility returned an
+// unexpected error code") when the CPU is busy, and discovery opens thousands of images. With
+// one thread the opener is woken only after it. Not for the lock's connection: some librbd
+// operations wait on that thread for another (snapshot unprotect hangs with one).
+// docs/operations.md ("librbd's open race") has the evidence.
+const ReaderThreads = 1
+
 // Options says how to connect.
 type Options struct {
 	ConfPath       string
@@ -30,6 +42,9 @@ type Options struct {
 	// instead of blocking for ever. 0 leaves OSD ops unbounded and mon commands at
 	// ConnectTimeout.
 	OpTimeout time.Duration
+	// IOThreads is librados_thread_count, the threads that run librados and librbd completions
+	// (ReaderThreads for a reader); 0 leaves librados' default (2).
+	IOThreads int
 	// ConcurrentOps is rbd_concurrent_management_ops for images opened on this connection: the
 	// number of object copy-ups a flatten keeps in flight.
 	ConcurrentOps int
@@ -65,6 +80,9 @@ func Dial(o Options) (*rados.Conn, error) {
 	}
 	if o.ConcurrentOps > 0 {
 		set["rbd_concurrent_management_ops"] = strconv.Itoa(o.ConcurrentOps)
+	}
+	if o.IOThreads > 0 {
+		set["librados_thread_count"] = strconv.Itoa(o.IOThreads)
 	}
 	for k, v := range set {
 		if err := conn.SetConfigOption(k, v); err != nil {

@@ -13,7 +13,7 @@ import (
 // untagged ones, not images that are flat already, not the parent.
 func TestPoolOwner(t *testing.T) {
 	conn := cephtest.Connect(t)
-	daemon := cephtest.DaemonConnect(t) // Find runs with flattend's own key; set-up as admin
+	daemon := cephtest.DaemonReader(t) // Find runs as in flattend: its own key, on a reader; set-up as admin
 	ioctx := cephtest.IOContext(t, conn)
 	node, other := cephtest.Name(t, "me"), cephtest.Name(t, "other")
 	p := cephtest.MakeParent(t, ioctx, cephtest.Name(t, "parent"), 8<<20, 22)

@@ -20,7 +20,7 @@ import (
 // VM disks) are not this node's. The clones of a writable disk's snapshots still are.
 func TestLibvirtSharedDisksAreNoRoots(t *testing.T) {
 	conn := cephtest.Connect(t)
-	daemon := cephtest.DaemonConnect(t) // Find runs with flattend's own key; set-up as admin
+	daemon := cephtest.DaemonReader(t) // Find runs as in flattend: its own key, on a reader; set-up as admin
 	ioctx := cephtest.IOContext(t, conn)
 	lv := libvirttest.Start(t)
 	P := cephtest.Pool
@@ -63,7 +63,7 @@ func TestLibvirtSharedDisksAreNoRoots(t *testing.T) {
 // and the other domains, are still discovered.
 func TestLibvirtMalformedDiskSkipped(t *testing.T) {
 	conn := cephtest.Connect(t)
-	daemon := cephtest.DaemonConnect(t) // Find runs with flattend's own key; set-up as admin
+	daemon := cephtest.DaemonReader(t) // Find runs as in flattend: its own key, on a reader; set-up as admin
 	ioctx := cephtest.IOContext(t, conn)
 	lv := libvirttest.Start(t)
 	P := cephtest.Pool

@@ -73,7 +73,7 @@ func namespace(t *testing.T, conn *rados.Conn, ioctx *rados.IOContext, name stri
 // not an empty list.
 func TestPoolNamespace(t *testing.T) {
 	conn := cephtest.Connect(t)
-	daemon := cephtest.DaemonConnect(t) // Find runs with flattend's own key; set-up as admin
+	daemon := cephtest.DaemonReader(t) // Find runs as in flattend: its own key, on a reader; set-up as admin
 	ioctx := cephtest.IOContext(t, conn)
 	node := cephtest.Name(t, "me")
 	pre := cephtest.Name(t, "x")
@@ -108,7 +108,7 @@ func TestPoolNamespace(t *testing.T) {
 // matching clone, whatever its tag, with no owner.
 func TestPoolSharedAndMatch(t *testing.T) {
 	conn := cephtest.Connect(t)
-	daemon := cephtest.DaemonConnect(t) // Find runs with flattend's own key; set-up as admin
+	daemon := cephtest.DaemonReader(t) // Find runs as in flattend: its own key, on a reader; set-up as admin
 	ioctx := cephtest.IOContext(t, conn)
 	node := cephtest.Name(t, "me")
 	pre := cephtest.Name(t, "x")
@@ -174,7 +174,7 @@ func TestPoolSharedAndMatch(t *testing.T) {
 // no domain uses, nor siblings of a VM disk.
 func TestLibvirtSource(t *testing.T) {
 	conn := cephtest.Connect(t)
-	daemon := cephtest.DaemonConnect(t) // Find runs with flattend's own key; set-up as admin
+	daemon := cephtest.DaemonReader(t) // Find runs as in flattend: its own key, on a reader; set-up as admin
 	ioctx := cephtest.IOContext(t, conn)
 	lv := libvirttest.Start(t)
 	sc := newScenario(t, conn, ioctx)
@@ -279,7 +279,7 @@ func (sc scenario) define(t *testing.T, lv *libvirttest.Daemon) {
 // node's. Volumes of other kinds of pools, and of pools libvirt no longer has, are no RBD disks.
 func TestLibvirtVolumeDisks(t *testing.T) {
 	conn := cephtest.Connect(t)
-	daemon := cephtest.DaemonConnect(t) // Find runs with flattend's own key; set-up as admin
+	daemon := cephtest.DaemonReader(t) // Find runs as in flattend: its own key, on a reader; set-up as admin
 	ioctx := cephtest.IOContext(t, conn)
 	lv := libvirttest.Start(t)
 	pre := cephtest.Name(t, "v")

@@ -17,8 +17,10 @@ import (
 )
 
 // CephConnector makes real sessions: each dials a new RADOS connection, on which it takes the
-// lock (lock.Session) and does every clone operation.
-func CephConnector(dial lock.Dialer, log *zap.Logger) Connector {
+// lock (lock.Session) and does every clone operation that writes. Discovery and the read-only
+// look at a clone go through a second connection from dialReader, with one completion thread
+// (cephconn.ReaderThreads: librbd's open race); reads need no fencing.
+func CephConnector(dial, dialReader lock.Dialer, log *zap.Logger) Connector {
 	return func(o lock.Options) (Locker, Flattener, error) {
 		log := log.With(zap.String("node", o.Node))
 		l := cephLocker{busy: new(atomic.Pointer[func(time.Duration)])}
@@ -29,18 +31,24 @@ func CephConnector(dial lock.Dialer, log *zap.Logger) Connector {
 			}
 		}
 		warn := func(msg string) { log.Warn(msg, zap.String("lock", o.Pool+"/"+o.Image)) }
-		sess, err := lock.NewSession(dial, o, lock.Hooks{Busy: busy, Warn: warn})
+		reader, err := dialReader()
 		if err != nil {
 			return nil, nil, err
 		}
-		l.s = sess
-		return l, cephFlattener{conn: sess.Conn(), lock: o}, nil
+		sess, err := lock.NewSession(dial, o, lock.Hooks{Busy: busy, Warn: warn})
+		if err != nil {
+			reader.Shutdown()
+			return nil, nil, err
+		}
+		l.s, l.reader = sess, reader
+		return l, cephFlattener{conn: sess.Conn(), reader: reader, lock: o}, nil
 	}
 }
 
 type cephLocker struct {
-	s    *lock.Session
-	busy *atomic.Pointer[func(wait time.Duration)] // told each wait for a busy slot
+	s      *lock.Session
+	reader *rados.Conn                               // the session's reader: shut down with it
+	busy   *atomic.Pointer[func(wait time.Duration)] // told each wait for a busy slot
 }
 
 func (l cephLocker) onBusy(f func(wait time.Duration)) { l.busy.Store(&f) }
@@ -53,12 +61,16 @@ func (l cephLocker) Lock(ctx context.Context) (Lease, error) {
 	return lease, nil
 }
 
-func (l cephLocker) StopWaiting()                    { l.s.Mutex().StopWaiting() }
-func (l cephLocker) Close(ctx context.Context) error { return l.s.Close(ctx) }
+func (l cephLocker) StopWaiting() { l.s.Mutex().StopWaiting() }
+func (l cephLocker) Close(ctx context.Context) error {
+	defer l.reader.Shutdown()
+	return l.s.Close(ctx)
+}
 
 type cephFlattener struct {
-	conn *rados.Conn
-	lock lock.Options // where the fleet summary goes
+	conn   *rados.Conn  // the lock's: every write, so that a broken lock fences them
+	reader *rados.Conn  // discovery and read-only looks (cephconn.ReaderThreads)
+	lock   lock.Options // where the fleet summary goes
 }
 
 // WriteSummary stores this node's fleet summary beside the lock (summaryWriter).
@@ -67,7 +79,7 @@ func (f cephFlattener) WriteSummary(e fleet.Entry) error {
 }
 
 func (f cephFlattener) Discover(ctx context.Context, sources []discovery.Source) ([]discovery.Clone, error) {
-	found, err := discovery.Find(ctx, f.conn, sources)
+	found, err := discovery.Find(ctx, f.reader, sources)
 	return found.Clones, err
 }
 
@@ -80,9 +92,9 @@ func (f cephFlattener) WatchGates(ctx context.Context, g gate.Config, pool strin
 }
 
 func (f cephFlattener) Inspect(s rbdimage.Spec) (rbdimage.Info, error) {
-	return rbdimage.Inspect(f.conn, s)
+	return rbdimage.Inspect(f.reader, s)
 }
-func (f cephFlattener) Users(s rbdimage.Spec) ([]string, error) { return rbdimage.Users(f.conn, s) }
+func (f cephFlattener) Users(s rbdimage.Spec) ([]string, error) { return rbdimage.Users(f.reader, s) }
 func (f cephFlattener) VerifyCopyups(ctx context.Context, s rbdimage.Spec) (flattener.Verified, error) {
 	return flattener.VerifyCopyups(ctx, f.conn, s)
 }

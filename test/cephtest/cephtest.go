@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -22,6 +23,7 @@ import (
 
 	"github.com/ceph/go-ceph/rados"
 	"github.com/ceph/go-ceph/rbd"
+	"github.com/flattend/flattend/internal/cephconn"
 	"github.com/flattend/flattend/internal/lock"
 )
 
@@ -67,7 +69,55 @@ func Connect(t testing.TB) *rados.Conn { return connectAs(t, "admin", "") }
 // so that a suite on a cephx cluster proves its caps are enough.
 func DaemonConnect(t testing.TB) *rados.Conn { return connectAs(t, DaemonUser(), DaemonKeyring()) }
 
+// DaemonReader is DaemonConnect for what flattend only reads (discovery): one completion thread,
+// as flattend's own readers (cephconn.ReaderThreads).
+func DaemonReader(t testing.TB) *rados.Conn {
+	return connectWith(t, DaemonUser(), DaemonKeyring(), cephconn.ReaderThreads)
+}
+
 func connectAs(t testing.TB, user, keyring string) *rados.Conn {
+	t.Helper()
+	return connectWith(t, user, keyring, 0)
+}
+
+// readers holds each test's reader (openReadOnly), by testing.TB.
+var readers sync.Map
+
+// openReadOnly opens ioctx's image name (at snap) read-only for a helper's check, on the test's
+// own reader: an admin connection with one completion thread (cephconn.ReaderThreads). The
+// helpers open and close images often, and on a connection with more threads librbd's open race
+// can abort the test binary under load. done closes the image and its I/O context.
+func openReadOnly(t testing.TB, ioctx *rados.IOContext, name, snap string) (img *rbd.Image, done func(), err error) {
+	t.Helper()
+	pool, err := ioctx.GetPoolName()
+	if err != nil {
+		t.Fatalf("pool of an I/O context: %v", err)
+	}
+	ns, err := ioctx.GetNamespace()
+	if err != nil {
+		t.Fatalf("namespace of an I/O context: %v", err)
+	}
+	conn, ok := readers.Load(t)
+	if !ok {
+		c := connectWith(t, "admin", "", cephconn.ReaderThreads)
+		t.Cleanup(func() { readers.Delete(t) })
+		conn, _ = readers.LoadOrStore(t, c)
+	}
+	rio, err := conn.(*rados.Conn).OpenIOContext(pool)
+	if err != nil {
+		t.Fatalf("open pool %s: %v", pool, err)
+	}
+	rio.SetNamespace(ns)
+	img, err = rbd.OpenImageReadOnly(rio, name, snap)
+	if err != nil {
+		rio.Destroy()
+		return nil, nil, err
+	}
+	return img, func() { img.Close(); rio.Destroy() }, nil
+}
+
+// connectWith is connectAs with librados_thread_count ioThreads (0: librados' default).
+func connectWith(t testing.TB, user, keyring string, ioThreads int) *rados.Conn {
 	t.Helper()
 	conf := ConfPath(t)
 	conn, err := rados.NewConnWithUser(user)
@@ -79,6 +129,9 @@ func connectAs(t testing.TB, user, keyring string) *rados.Conn {
 	}
 	if err == nil {
 		err = conn.SetConfigOption("client_mount_timeout", "20")
+	}
+	if err == nil && ioThreads > 0 {
+		err = conn.SetConfigOption("librados_thread_count", strconv.Itoa(ioThreads))
 	}
 	if err == nil {
 		err = conn.Connect()
@@ -262,14 +315,14 @@ func CopyUp(t testing.TB, ioctx *rados.IOContext, clone string, obj uint64) stri
 // HasSnapshot reports whether image name has a snapshot snap.
 func HasSnapshot(t testing.TB, ioctx *rados.IOContext, name, snap string) bool {
 	t.Helper()
-	img, err := rbd.OpenImageReadOnly(ioctx, name, snap)
+	_, done, err := openReadOnly(t, ioctx, name, snap)
 	if errors.Is(err, rbd.ErrNotFound) {
 		return false
 	}
 	if err != nil {
 		t.Fatalf("open %s@%s: %v", name, snap, err)
 	}
-	img.Close()
+	done()
 	return true
 }
 
@@ -347,11 +400,11 @@ func SetMeta(t testing.TB, ioctx *rados.IOContext, name, key, value string) {
 // IsClone reports whether name still has a parent.
 func IsClone(t testing.TB, ioctx *rados.IOContext, name string) bool {
 	t.Helper()
-	img, err := rbd.OpenImageReadOnly(ioctx, name, rbd.NoSnapshot)
+	img, done, err := openReadOnly(t, ioctx, name, rbd.NoSnapshot)
 	if err != nil {
 		t.Fatalf("open %s: %v", name, err)
 	}
-	defer img.Close()
+	defer done()
 	_, err = img.GetParent()
 	if errors.Is(err, rbd.ErrNotFound) {
 		return false
@@ -365,11 +418,11 @@ func IsClone(t testing.TB, ioctx *rados.IOContext, name string) bool {
 // Digest returns the sha256 of name's first size bytes.
 func Digest(t testing.TB, ioctx *rados.IOContext, name string, size uint64) string {
 	t.Helper()
-	img, err := rbd.OpenImageReadOnly(ioctx, name, rbd.NoSnapshot)
+	img, done, err := openReadOnly(t, ioctx, name, rbd.NoSnapshot)
 	if err != nil {
 		t.Fatalf("open %s: %v", name, err)
 	}
-	defer img.Close()
+	defer done()
 	h := sha256.New()
 	buf := make([]byte, 4<<20)
 	for off := uint64(0); off < size; off += uint64(len(buf)) {
@@ -438,11 +491,11 @@ func Mutex(t testing.TB, conn *rados.Conn, o lock.Options) *lock.Mutex {
 // exclusive lock), read from RADOS.
 func Lockers(t testing.TB, ioctx *rados.IOContext, image string) []string {
 	t.Helper()
-	img, err := rbd.OpenImageReadOnly(ioctx, image, rbd.NoSnapshot)
+	img, done, err := openReadOnly(t, ioctx, image, rbd.NoSnapshot)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer img.Close()
+	defer done()
 	_, ls, err := img.ListLockers()
 	if err != nil {
 		t.Fatal(err)

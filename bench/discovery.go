@@ -12,21 +12,27 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"sync"
 	"time"
 
 	"github.com/ceph/go-ceph/rados"
 	"github.com/ceph/go-ceph/rbd"
 
+	"github.com/flattend/flattend/internal/cephconn"
 	"github.com/flattend/flattend/internal/discovery"
 )
 
 const discoveryPool = "bench-discovery"
 
 type discoveryRound struct {
-	Round       int     `json:"round"`
-	OwnerS      float64 `json:"discovery_owner_s"`  // pool source, owner key, in process
-	SharedS     float64 `json:"discovery_shared_s"` // pool source, shared backlog (every clone), in process
+	Round   int     `json:"round"`
+	OwnerS  float64 `json:"discovery_owner_s"`  // pool source, owner key, in process, on a reader as flattend's
+	SharedS float64 `json:"discovery_shared_s"` // pool source, shared backlog (every clone), in process, on a reader
+	// SharedTwoS is SharedS on a connection with librados' default 2 completion threads, and
+	// ReaderRatio SharedS / SharedTwoS: what one thread (cephconn.ReaderThreads) costs.
+	SharedTwoS  float64 `json:"discovery_shared_2_threads_s"`
+	ReaderRatio float64 `json:"reader_ratio"`
 	OpenAllS    float64 `json:"open_every_image_s"` // the previous way: open every image read-only, 8 at once
 	RbdLsLS     float64 `json:"rbd_ls_l_s"`         // `rbd ls -l POOL`, whole process
 	RbdLsS      float64 `json:"rbd_ls_s"`           // `rbd ls POOL`, whole process: its fixed cost
@@ -121,15 +127,20 @@ func benchDiscovery(conn *rados.Conn, images, clones, rounds int, out string) {
 
 	owner := []discovery.Source{discovery.Pool{Pool: discoveryPool, OwnerKey: "flattend.owner", Node: node}}
 	shared := []discovery.Source{discovery.Pool{Pool: discoveryPool, Shared: true, Node: node, Match: regexp.MustCompile("^clone-")}}
-	runFind := func(srcs []discovery.Source, want int) float64 {
+	// Discovery runs on a reader, as in flattend (cephconn.ReaderThreads); conn has librados'
+	// default threads.
+	reader := dial(map[string]string{"librados_thread_count": strconv.Itoa(cephconn.ReaderThreads)})
+	defer reader.Shutdown()
+	runFindOn := func(c *rados.Conn, srcs []discovery.Source, want int) float64 {
 		t := time.Now()
-		f, err := discovery.Find(context.Background(), conn, srcs)
+		f, err := discovery.Find(context.Background(), c, srcs)
 		check(err)
 		if len(f.Clones) != want {
 			fail("discovery found %d clones, want %d", len(f.Clones), want)
 		}
 		return time.Since(t).Seconds()
 	}
+	runFind := func(srcs []discovery.Source, want int) float64 { return runFindOn(reader, srcs, want) }
 	runRbd := func(args ...string) float64 {
 		t := time.Now()
 		c := exec.Command("rbd", args...)
@@ -145,6 +156,7 @@ func benchDiscovery(conn *rados.Conn, images, clones, rounds int, out string) {
 			func() { d.OwnerS = runFind(owner, rep.Mine) },
 			func() { d.RbdLsLS = runRbd("ls", "-l", discoveryPool) },
 			func() { d.SharedS = runFind(shared, clones) },
+			func() { d.SharedTwoS = runFindOn(conn, shared, clones) },
 			func() { d.RbdLsS = runRbd("ls", discoveryPool) },
 			func() { d.OpenAllS = openEveryImage(ioctx, node) },
 		}
@@ -152,6 +164,7 @@ func benchDiscovery(conn *rados.Conn, images, clones, rounds int, out string) {
 			steps[(i+r)%len(steps)]()
 		}
 		d.OwnerRatio, d.SharedRatio = d.OwnerS/d.RbdLsLS, d.SharedS/d.RbdLsLS
+		d.ReaderRatio = d.SharedS / d.SharedTwoS
 		rep.Rounds = append(rep.Rounds, d)
 	}
 	col := func(f func(discoveryRound) float64) float64 {
@@ -165,7 +178,8 @@ func benchDiscovery(conn *rados.Conn, images, clones, rounds int, out string) {
 		OwnerS: col(func(d discoveryRound) float64 { return d.OwnerS }), SharedS: col(func(d discoveryRound) float64 { return d.SharedS }),
 		OpenAllS: col(func(d discoveryRound) float64 { return d.OpenAllS }), RbdLsLS: col(func(d discoveryRound) float64 { return d.RbdLsLS }),
 		RbdLsS: col(func(d discoveryRound) float64 { return d.RbdLsS }), OwnerRatio: col(func(d discoveryRound) float64 { return d.OwnerRatio }),
-		SharedRatio: col(func(d discoveryRound) float64 { return d.SharedRatio })}
+		SharedRatio: col(func(d discoveryRound) float64 { return d.SharedRatio }),
+		SharedTwoS:  col(func(d discoveryRound) float64 { return d.SharedTwoS }), ReaderRatio: col(func(d discoveryRound) float64 { return d.ReaderRatio })}
 
 	perImage := func(f func()) float64 {
 		before := osdOps()
@@ -178,13 +192,13 @@ func benchDiscovery(conn *rados.Conn, images, clones, rounds int, out string) {
 	rep.OpsPerImageRbdLsL = perImage(func() { runRbd("ls", "-l", discoveryPool) })
 
 	fmt.Printf("discovery over %d images (%d clones, %d of them this node's), %d rounds, rotating order:\n", images, clones, rep.Mine, rounds)
-	fmt.Printf("%5s %10s %10s %10s %10s %10s %8s %8s\n", "round", "owner", "shared", "open-all", "rbd ls -l", "rbd ls", "own/ls-l", "shr/ls-l")
+	fmt.Printf("%5s %10s %10s %10s %10s %10s %10s %8s %8s %8s\n", "round", "owner", "shared", "shared-2t", "open-all", "rbd ls -l", "rbd ls", "own/ls-l", "shr/ls-l", "1t/2t")
 	for _, d := range append(rep.Rounds, rep.Medians) {
 		label := fmt.Sprint(d.Round)
 		if d.Round < 0 {
 			label = "med"
 		}
-		fmt.Printf("%5s %9.3fs %9.3fs %9.3fs %9.3fs %9.3fs %8.3f %8.3f\n", label, d.OwnerS, d.SharedS, d.OpenAllS, d.RbdLsLS, d.RbdLsS, d.OwnerRatio, d.SharedRatio)
+		fmt.Printf("%5s %9.3fs %9.3fs %9.3fs %9.3fs %9.3fs %9.3fs %8.3f %8.3f %8.3f\n", label, d.OwnerS, d.SharedS, d.SharedTwoS, d.OpenAllS, d.RbdLsLS, d.RbdLsS, d.OwnerRatio, d.SharedRatio, d.ReaderRatio)
 	}
 	fmt.Printf("RADOS ops per image (osd.op delta / %d): owner %.2f, shared %.2f, open every image %.2f, rbd ls -l %.2f\n",
 		images, rep.OpsPerImageOwner, rep.OpsPerImageShared, rep.OpsPerImageOpenAll, rep.OpsPerImageRbdLsL)

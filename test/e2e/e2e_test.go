@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/flattend/flattend/internal/cephconn"
 	"github.com/flattend/flattend/internal/lock"
 	"github.com/flattend/flattend/test/cephtest"
 )
@@ -83,6 +84,11 @@ func TestWaitsForHeldLock(t *testing.T) {
 	}
 	if !cephtest.IsClone(t, ioctx, clone) {
 		t.Fatal("flattened while another client held the lock")
+	}
+	// The session's two connections, as the kernel shows their threads: the lock's with librados'
+	// two completion threads, the reader (discovery) with one (librbd's open race).
+	if got, want := threadsNamed(t, pr.cmd.Process.Pid, "io_context_pool"), 2+cephconn.ReaderThreads; got != want {
+		t.Errorf("once runs %d io_context_pool threads while it waits, want %d (lock's connection 2, reader %d)", got, want, cephconn.ReaderThreads)
 	}
 	releasedAt := time.Now()
 	release()

@@ -102,7 +102,7 @@ func TestDialSetsOptions(t *testing.T) {
 		t.Fatal(err)
 	}
 	conf := writeConf(t, string(base)+"\n[client]\nrbd blocklist on break lock = false\nrbd blocklist expire seconds = 3600\nlibrados thread count = 4\n")
-	threadsBefore := threadsNamed(t, "io_context_pool")
+	threadsBefore := cephtest.ThreadsNamed(t, os.Getpid(), "io_context_pool")
 	conn, err := cephconn.Dial(cephconn.Options{ConfPath: conf, User: cephtest.DaemonUser(), Keyring: cephtest.DaemonKeyring(),
 		ConnectTimeout: 20 * time.Second, OpTimeout: 7 * time.Second, ConcurrentOps: 3, IOThreads: cephconn.ReaderThreads})
 	if err != nil {
@@ -124,7 +124,7 @@ func TestDialSetsOptions(t *testing.T) {
 	}
 	// What the kernel shows, not only what librados was told: a reader runs librados and librbd
 	// completions on one thread (cephconn.ReaderThreads: librbd's open race).
-	if got := threadsNamed(t, "io_context_pool") - threadsBefore; got != cephconn.ReaderThreads {
+	if got := cephtest.ThreadsNamed(t, os.Getpid(), "io_context_pool") - threadsBefore; got != cephconn.ReaderThreads {
 		t.Errorf("the connection started %d io_context_pool threads, want %d", got, cephconn.ReaderThreads)
 	}
 	if _, err := cephconn.OpenPool(conn, "no-such-pool-"+cephtest.Name(t, "p")); err == nil || !strings.Contains(err.Error(), "does not exist: create it") {
@@ -166,20 +166,4 @@ func TestErrnoAndHints(t *testing.T) {
 	if cephconn.WithHint(plain) != plain {
 		t.Error("WithHint changed an error it has no hint for")
 	}
-}
-
-// threadsNamed counts this process's threads called name (/proc/self/task/*/comm).
-func threadsNamed(t *testing.T, name string) int {
-	t.Helper()
-	comms, err := filepath.Glob("/proc/self/task/*/comm")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, c := range comms {
-		if b, err := os.ReadFile(c); err == nil && strings.TrimSpace(string(b)) == name {
-			n++
-		}
-	}
-	return n
 }

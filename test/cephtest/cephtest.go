@@ -530,3 +530,20 @@ func Binary() (path string, cleanup func(), err error) {
 	}
 	return path, func() { os.RemoveAll(dir) }, nil
 }
+
+// ThreadsNamed counts the threads of process pid called name (/proc/PID/task/*/comm): what the
+// kernel shows, e.g. librados' io_context_pool threads of each connection.
+func ThreadsNamed(t testing.TB, pid int, name string) int {
+	t.Helper()
+	comms, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/comm", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, c := range comms {
+		if b, err := os.ReadFile(c); err == nil && strings.TrimSpace(string(b)) == name {
+			n++
+		}
+	}
+	return n
+}

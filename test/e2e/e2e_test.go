@@ -87,7 +87,7 @@ func TestWaitsForHeldLock(t *testing.T) {
 	}
 	// The session's two connections, as the kernel shows their threads: the lock's with librados'
 	// two completion threads, the reader (discovery) with one (librbd's open race).
-	if got, want := threadsNamed(t, pr.cmd.Process.Pid, "io_context_pool"), 2+cephconn.ReaderThreads; got != want {
+	if got, want := cephtest.ThreadsNamed(t, pr.cmd.Process.Pid, "io_context_pool"), 2+cephconn.ReaderThreads; got != want {
 		t.Errorf("once runs %d io_context_pool threads while it waits, want %d (lock's connection 2, reader %d)", got, want, cephconn.ReaderThreads)
 	}
 	releasedAt := time.Now()

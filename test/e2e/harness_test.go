@@ -327,19 +327,3 @@ func waitHealth(t *testing.T, conn *rados.Conn, ok func(health string) bool) {
 	}
 	t.Fatalf("cluster health did not change as expected within a minute: %s", h)
 }
-
-// threadsNamed counts the threads of process pid called name (/proc/PID/task/*/comm).
-func threadsNamed(t *testing.T, pid int, name string) int {
-	t.Helper()
-	comms, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/comm", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, c := range comms {
-		if b, err := os.ReadFile(c); err == nil && strings.TrimSpace(string(b)) == name {
-			n++
-		}
-	}
-	return n
-}

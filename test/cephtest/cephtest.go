@@ -25,6 +25,7 @@ import (
 	"github.com/ceph/go-ceph/rbd"
 	"github.com/flattend/flattend/internal/cephconn"
 	"github.com/flattend/flattend/internal/lock"
+	"github.com/flattend/flattend/internal/rbdimage"
 )
 
 // Pool is the pool the tests put their images in (created on first use).
@@ -86,8 +87,8 @@ var readers sync.Map
 // openReadOnly opens ioctx's image name (at snap) read-only for a helper's check, on the test's
 // own reader: an admin connection with one completion thread (cephconn.ReaderThreads). The
 // helpers open and close images often, and on a connection with more threads librbd's open race
-// can abort the test binary under load. done closes the image and its I/O context.
-func openReadOnly(t testing.TB, ioctx *rados.IOContext, name, snap string) (img *rbd.Image, done func(), err error) {
+// can abort the test binary under load. A missing image or snapshot wraps rbdimage.ErrNotFound.
+func openReadOnly(t testing.TB, ioctx *rados.IOContext, name, snap string) (*rbdimage.Image, error) {
 	t.Helper()
 	pool, err := ioctx.GetPoolName()
 	if err != nil {
@@ -103,17 +104,7 @@ func openReadOnly(t testing.TB, ioctx *rados.IOContext, name, snap string) (img 
 		t.Cleanup(func() { readers.Delete(t) })
 		conn, _ = readers.LoadOrStore(t, c)
 	}
-	rio, err := conn.(*rados.Conn).OpenIOContext(pool)
-	if err != nil {
-		t.Fatalf("open pool %s: %v", pool, err)
-	}
-	rio.SetNamespace(ns)
-	img, err = rbd.OpenImageReadOnly(rio, name, snap)
-	if err != nil {
-		rio.Destroy()
-		return nil, nil, err
-	}
-	return img, func() { img.Close(); rio.Destroy() }, nil
+	return rbdimage.Open(conn.(*rados.Conn), rbdimage.Spec{Pool: pool, Namespace: ns, Image: name, Snap: snap}, rbdimage.ReadOnly)
 }
 
 // connectWith is connectAs with librados_thread_count ioThreads (0: librados' default).
@@ -315,14 +306,14 @@ func CopyUp(t testing.TB, ioctx *rados.IOContext, clone string, obj uint64) stri
 // HasSnapshot reports whether image name has a snapshot snap.
 func HasSnapshot(t testing.TB, ioctx *rados.IOContext, name, snap string) bool {
 	t.Helper()
-	_, done, err := openReadOnly(t, ioctx, name, snap)
-	if errors.Is(err, rbd.ErrNotFound) {
+	img, err := openReadOnly(t, ioctx, name, snap)
+	if errors.Is(err, rbdimage.ErrNotFound) {
 		return false
 	}
 	if err != nil {
 		t.Fatalf("open %s@%s: %v", name, snap, err)
 	}
-	done()
+	img.Close()
 	return true
 }
 
@@ -400,11 +391,11 @@ func SetMeta(t testing.TB, ioctx *rados.IOContext, name, key, value string) {
 // IsClone reports whether name still has a parent.
 func IsClone(t testing.TB, ioctx *rados.IOContext, name string) bool {
 	t.Helper()
-	img, done, err := openReadOnly(t, ioctx, name, rbd.NoSnapshot)
+	img, err := openReadOnly(t, ioctx, name, rbd.NoSnapshot)
 	if err != nil {
 		t.Fatalf("open %s: %v", name, err)
 	}
-	defer done()
+	defer img.Close()
 	_, err = img.GetParent()
 	if errors.Is(err, rbd.ErrNotFound) {
 		return false
@@ -418,11 +409,11 @@ func IsClone(t testing.TB, ioctx *rados.IOContext, name string) bool {
 // Digest returns the sha256 of name's first size bytes.
 func Digest(t testing.TB, ioctx *rados.IOContext, name string, size uint64) string {
 	t.Helper()
-	img, done, err := openReadOnly(t, ioctx, name, rbd.NoSnapshot)
+	img, err := openReadOnly(t, ioctx, name, rbd.NoSnapshot)
 	if err != nil {
 		t.Fatalf("open %s: %v", name, err)
 	}
-	defer done()
+	defer img.Close()
 	h := sha256.New()
 	buf := make([]byte, 4<<20)
 	for off := uint64(0); off < size; off += uint64(len(buf)) {
@@ -491,11 +482,11 @@ func Mutex(t testing.TB, conn *rados.Conn, o lock.Options) *lock.Mutex {
 // exclusive lock), read from RADOS.
 func Lockers(t testing.TB, ioctx *rados.IOContext, image string) []string {
 	t.Helper()
-	img, done, err := openReadOnly(t, ioctx, image, rbd.NoSnapshot)
+	img, err := openReadOnly(t, ioctx, image, rbd.NoSnapshot)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer done()
+	defer img.Close()
 	_, ls, err := img.ListLockers()
 	if err != nil {
 		t.Fatal(err)

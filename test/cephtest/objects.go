@@ -21,12 +21,12 @@ func DataObjects(t testing.TB, conn *rados.Conn, pool, image string) map[string]
 // DataObjectsIn is DataObjects for an image of pool whose data lives in dataPool (--data-pool).
 func DataObjectsIn(t testing.TB, conn *rados.Conn, pool, dataPool, image string) map[string]uint64 {
 	t.Helper()
-	img, done, err := openReadOnly(t, PoolIOContext(t, conn, pool), image, rbd.NoSnapshot)
+	img, err := openReadOnly(t, PoolIOContext(t, conn, pool), image, rbd.NoSnapshot)
 	if err != nil {
 		t.Fatalf("open %s: %v", image, err)
 	}
 	info, err := img.Stat()
-	done()
+	img.Close()
 	if err != nil {
 		t.Fatal(err)
 	}
